@@ -1,0 +1,23 @@
+"""pcgrad_optax: multi-task gradient surgery for JAX and Optax."""
+
+from pcgrad_optax import weighting
+from pcgrad_optax._core import gram_matrix
+from pcgrad_optax._core import weighted_sum
+from pcgrad_optax._grad import task_value_and_grad
+from pcgrad_optax._transforms import MultiStepsState
+from pcgrad_optax._transforms import PCGradState
+from pcgrad_optax._transforms import multi_steps
+from pcgrad_optax._transforms import pcgrad
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "MultiStepsState",
+    "PCGradState",
+    "gram_matrix",
+    "multi_steps",
+    "pcgrad",
+    "task_value_and_grad",
+    "weighted_sum",
+    "weighting",
+)

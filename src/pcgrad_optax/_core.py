@@ -1,0 +1,282 @@
+"""The Gram-matrix core shared by every aggregator.
+
+Stacked per-task gradients are a pytree whose leaves all carry one extra
+leading task axis of size ``T``. Most multi-task aggregators only need the
+``T x T`` Gram matrix ``K = G G^T`` of the task gradients: one pass over the
+leaves builds it, the method works on ``T x T`` numbers, and a second pass
+forms ``sum_t w_t g_t``. Nothing here loops over tasks in Python, flattens the
+model, or builds a ``T x T x P`` intermediate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+PyTree = Any
+SharedMask = PyTree | Callable[[PyTree], PyTree] | None
+
+REDUCTIONS = ("sum", "mean")
+
+
+def leaf_name(path) -> str:
+  """'/'-joined name of a pytree key path (``"encoder/Dense_0/kernel"``)."""
+  name = jax.tree_util.keystr(path, simple=True, separator="/")
+  return name or "<root>"
+
+
+def accumulation_dtype(dtype) -> np.dtype:
+  """f32 for half-precision and f32 inputs, f64 for f64 inputs."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def check_reduction(reduction: str) -> None:
+  if reduction not in REDUCTIONS:
+    raise ValueError(
+        f"Unknown reduction {reduction!r}; expected one of {REDUCTIONS}.")
+
+
+def num_tasks(stacked: PyTree, params: PyTree | None = None) -> int:
+  """Validates stacked per-task gradients and returns the number of tasks T.
+
+  Runs on shapes only, so it raises at trace time.
+
+  Args:
+    stacked: pytree whose leaves have a leading task axis of size T.
+    params: optional params pytree; when given, every stacked leaf must have
+      shape ``(T,) + param.shape``.
+
+  Returns:
+    T, the size of the shared leading task axis.
+
+  Raises:
+    ValueError: naming the offending leaf and its shapes, when a leaf is not a
+      floating array, has no task axis, or the task axes disagree.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(stacked)[0]
+  if not leaves:
+    raise ValueError("The stacked gradients have no leaves.")
+  for path, leaf in leaves:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+      raise ValueError(
+          f"Leaf '{leaf_name(path)}' of the stacked gradients must be a "
+          f"floating-point array, got {type(leaf).__name__} with dtype {dtype}.")
+    if jnp.ndim(leaf) == 0:
+      raise ValueError(
+          f"Leaf '{leaf_name(path)}' of the stacked gradients has shape (): it "
+          "has no leading task axis. Stack per-task gradients with jax.vmap, "
+          "jax.jacrev or pcgrad_optax.task_value_and_grad.")
+
+  if params is not None:
+    param_leaves, param_def = jax.tree_util.tree_flatten(params)
+    stacked_def = jax.tree_util.tree_structure(stacked)
+    if param_def != stacked_def:
+      raise ValueError(
+          "The stacked gradients and the params have different structures: "
+          f"{stacked_def} vs {param_def}.")
+    t = leaves[0][1].shape[0]
+    for (path, leaf), param in zip(leaves, param_leaves):
+      pshape = tuple(np.shape(param))
+      if tuple(leaf.shape) == pshape:
+        raise ValueError(
+            f"Leaf '{leaf_name(path)}' has shape {tuple(leaf.shape)}, equal to "
+            f"its param's shape {pshape}: it has no leading task axis. Pass "
+            "stacked per-task gradients (shape (T,) + param shape).")
+      if tuple(leaf.shape[1:]) != pshape or leaf.shape[0] != t:
+        first = leaf_name(leaves[0][0])
+        raise ValueError(
+            f"Leaf '{leaf_name(path)}' has shape {tuple(leaf.shape)}, expected "
+            f"(T,) + param shape = {(t,) + pshape} with T={t} taken from leaf "
+            f"'{first}' of shape {tuple(leaves[0][1].shape)}.")
+    return t
+
+  first_path, first = leaves[0]
+  t = first.shape[0]
+  for path, leaf in leaves[1:]:
+    if leaf.shape[0] != t:
+      raise ValueError(
+          "The leaves' leading task axes disagree: leaf "
+          f"'{leaf_name(first_path)}' has shape {tuple(first.shape)} (T={t}) "
+          f"but leaf '{leaf_name(path)}' has shape {tuple(leaf.shape)} "
+          f"(T={leaf.shape[0]}). Every leaf needs the same leading task axis; "
+          "a leaf that lost it is often a param that was not differentiated "
+          "per task.")
+  return t
+
+
+def unstacked_view(stacked: PyTree) -> PyTree:
+  """Shape-only params-like view of stacked gradients (task axis dropped)."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), stacked)
+
+
+def shared_leaves(shared: SharedMask, stacked: PyTree,
+                  params: PyTree | None = None) -> list[bool]:
+  """Resolves a ``shared`` mask into one static bool per stacked leaf.
+
+  Args:
+    shared: None (every leaf shared), a pytree of bools with the structure of
+      the params (or a prefix of it, like ``optax.masked``), or a callable
+      ``params -> pytree of bools``.
+    stacked: the stacked gradients.
+    params: the params, handed to a callable mask; when None the callable
+      gets a shape-only view of the params.
+
+  Returns:
+    A list of Python bools in the leaf order of ``stacked``.
+  """
+  num_leaves = len(jax.tree.leaves(stacked))
+  if shared is None:
+    return [True] * num_leaves
+  mask = shared(params if params is not None else unstacked_view(stacked)) \
+      if callable(shared) else shared
+  for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]:
+    if isinstance(m, jax.core.Tracer) or not isinstance(
+        m, (bool, np.bool_)) and not (
+            isinstance(m, np.ndarray) and m.dtype == bool and m.ndim == 0):
+      raise ValueError(
+          f"`shared` mask leaf '{leaf_name(path)}' is {m!r}; mask leaves must "
+          "be static Python bools (True for shared parameters).")
+  try:
+    broadcast = jax.tree.map(
+        lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, stacked)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        "The `shared` mask's structure does not match the gradients: mask "
+        f"{jax.tree.structure(mask)} vs gradients "
+        f"{jax.tree.structure(stacked)} ({e}).") from None
+  return jax.tree.leaves(broadcast)
+
+
+def leaf_gram(x: jax.Array) -> jax.Array:
+  """``(T, T)`` inner products of the task slices of one stacked leaf.
+
+  Contracts every non-task axis in place (no reshape, so sharded leaves stay
+  sharded), accumulating in f32 or wider at full precision.
+  """
+  axes = tuple(range(1, x.ndim))
+  return lax.dot_general(
+      x, x, ((axes, axes), ((), ())),
+      precision=lax.Precision.HIGHEST,
+      preferred_element_type=accumulation_dtype(x.dtype))
+
+
+def leaf_weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
+  """``sum_t weights[t] * x[t]`` accumulated in f32+, returned in x's dtype."""
+  acc = accumulation_dtype(x.dtype)
+  out = lax.dot_general(
+      weights.astype(acc), x, (((0,), (0,)), ((), ())),
+      precision=lax.Precision.HIGHEST, preferred_element_type=acc)
+  return out.astype(x.dtype)
+
+
+def masked_gram(leaves: list[jax.Array], mask: list[bool],
+                t: int) -> jax.Array:
+  """Sum of the per-leaf Gram matrices of the leaves whose mask is True."""
+  acc = jnp.result_type(*[accumulation_dtype(x.dtype) for x in leaves])
+  gram = jnp.zeros((t, t), acc)
+  for x, m in zip(leaves, mask):
+    if m:
+      gram = gram + leaf_gram(x).astype(acc)
+  return gram
+
+
+def gram_matrix(stacked: PyTree, shared: SharedMask = None) -> jax.Array:
+  r"""Gram matrix of stacked per-task gradients.
+
+  .. math::
+    K_{ij} = \sum_{\ell \in \text{shared}} \langle g_i^{(\ell)}, g_j^{(\ell)} \rangle
+
+  where :math:`g_i^{(\ell)}` is task :math:`i`'s gradient w.r.t. leaf
+  :math:`\ell`. One pass over the leaves; each leaf's contribution is one
+  contraction over its non-task axes in f32 (f64 for f64 gradients) at full
+  precision, whatever the gradients' dtype.
+
+  Args:
+    stacked: pytree of arrays with a common leading task axis of size T.
+    shared: None (all leaves), or a pytree of bools / callable
+      ``params -> pytree of bools`` selecting the leaves that enter ``K``
+      (see :func:`pcgrad_optax.pcgrad`).
+
+  Returns:
+    The symmetric positive semi-definite ``(T, T)`` Gram matrix, float32 (or
+    float64 for float64 gradients).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import pcgrad_optax
+    >>> g = {"w": jnp.array([[1., 0.], [1., 1.]])}
+    >>> pcgrad_optax.gram_matrix(g)
+    Array([[1., 1.],
+           [1., 2.]], dtype=float32)
+  """
+  t = num_tasks(stacked)
+  return masked_gram(jax.tree.leaves(stacked), shared_leaves(shared, stacked),
+                     t)
+
+
+def weighted_sum(stacked: PyTree, weights: jax.Array) -> PyTree:
+  r"""Combines stacked per-task gradients: :math:`\sum_t w_t g_t`.
+
+  Args:
+    stacked: pytree of arrays with a common leading task axis of size T.
+    weights: ``(T,)`` task weights.
+
+  Returns:
+    A params-shaped pytree; each leaf is accumulated in f32 (or wider) and
+    returned in its input dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import pcgrad_optax
+    >>> g = {"w": jnp.array([[1., 0.], [1., 1.]])}
+    >>> pcgrad_optax.weighted_sum(g, jnp.array([0.5, 2.0]))
+    {'w': Array([2.5, 2. ], dtype=float32)}
+  """
+  t = num_tasks(stacked)
+  weights = jnp.asarray(weights)
+  if weights.shape != (t,):
+    raise ValueError(
+        f"weights must have shape (T,) = ({t},) to match the stacked "
+        f"gradients' task axis, got {weights.shape}.")
+  return jax.tree.map(lambda x: leaf_weighted_sum(x, weights), stacked)
+
+
+def aggregate(stacked: PyTree,
+              weighting: Callable[[jax.Array], jax.Array],
+              *,
+              params: PyTree | None = None,
+              shared: SharedMask = None,
+              reduction: str = "sum") -> tuple[PyTree, jax.Array, jax.Array]:
+  """Shared machinery of the Gram-based transforms.
+
+  Builds the Gram matrix of the shared leaves, asks ``weighting`` for task
+  weights, combines shared leaves with them and gives every non-shared leaf
+  (task heads) the plain sum (or mean) over its task axis.
+
+  Returns:
+    ``(combined update, gram, weights)``; ``weights`` are for the "sum"
+    reduction (the "mean" reduction divides them by T).
+  """
+  check_reduction(reduction)
+  t = num_tasks(stacked, params)
+  mask = shared_leaves(shared, stacked, params)
+  leaves, treedef = jax.tree.flatten(stacked)
+  gram = masked_gram(leaves, mask, t)
+  acc = gram.dtype
+  weights = jnp.asarray(weighting(gram))
+  if weights.shape != (t,):
+    raise ValueError(
+        f"The weighting returned shape {weights.shape}, expected ({t},).")
+  scale = 1.0 / t if reduction == "mean" else 1.0
+  shared_w = weights.astype(acc) * scale
+  plain_w = jnp.full((t,), scale, acc)
+  out = [leaf_weighted_sum(x, shared_w if m else plain_w)
+         for x, m in zip(leaves, mask)]
+  return jax.tree.unflatten(treedef, out), gram, weights

@@ -1,0 +1,78 @@
+"""Stacked per-task gradients in one reverse-mode call."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+
+def task_value_and_grad(loss_fn: Callable[..., Any], *,
+                        argnums: int | Sequence[int] = 0,
+                        has_aux: bool = False) -> Callable[..., Any]:
+  r"""Like ``jax.value_and_grad`` for a vector of task losses.
+
+  ``loss_fn`` returns a ``(T,)`` vector :math:`L(\theta)` of task losses. The
+  returned function evaluates it once and pulls the ``T`` cotangents
+  :math:`e_1, \dots, e_T` back through one shared VJP (``jax.vmap`` over the
+  basis), giving the stacked Jacobian
+  :math:`\partial L_t / \partial \theta` as a pytree whose leaves have a
+  leading task axis of size ``T``: exactly what :func:`pcgrad_optax.pcgrad`
+  and the other aggregators take.
+
+  Memory: the stacked gradients hold ``T`` times the differentiated params.
+
+  Args:
+    loss_fn: function returning a ``(T,)`` array (or ``((T,), aux)`` with
+      ``has_aux``).
+    argnums: which positional argument(s) to differentiate, as in
+      ``jax.grad``.
+    has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+
+  Returns:
+    A function with ``loss_fn``'s signature returning ``(losses, grads)`` or
+    ``((losses, aux), grads)``; ``grads`` mirrors the differentiated
+    argument(s) with a leading task axis on every leaf.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import pcgrad_optax
+    >>> f = lambda w: jnp.stack([jnp.sum(w ** 2), jnp.sum(w)])
+    >>> losses, grads = pcgrad_optax.task_value_and_grad(f)(jnp.array([1., 2.]))
+    >>> grads
+    Array([[2., 4.],
+           [1., 1.]], dtype=float32)
+  """
+  single = isinstance(argnums, int)
+  argnums_t = (argnums,) if single else tuple(argnums)
+
+  def wrapped(*args, **kwargs):
+    for a in argnums_t:
+      if a >= len(args):
+        raise ValueError(
+            f"argnums={argnums} but only {len(args)} positional arguments "
+            "were given.")
+    primals = tuple(args[a] for a in argnums_t)
+
+    def partial_fn(*diff_args):
+      full = list(args)
+      for a, v in zip(argnums_t, diff_args):
+        full[a] = v
+      return loss_fn(*full, **kwargs)
+
+    if has_aux:
+      losses, vjp_fn, aux = jax.vjp(partial_fn, *primals, has_aux=True)
+    else:
+      losses, vjp_fn = jax.vjp(partial_fn, *primals)
+    if jnp.ndim(losses) != 1:
+      raise ValueError(
+          "task_value_and_grad: loss_fn must return a (T,) vector of task "
+          f"losses, got shape {jnp.shape(losses)}.")
+    basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
+    grads = jax.vmap(vjp_fn)(basis)
+    grads = grads[0] if single else grads
+    return ((losses, aux), grads) if has_aux else (losses, grads)
+
+  return wrapped
