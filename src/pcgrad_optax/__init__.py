@@ -9,6 +9,11 @@ from pcgrad_optax._transforms import PCGradState
 from pcgrad_optax._transforms import multi_steps
 from pcgrad_optax._transforms import pcgrad
 
+# Transformations of the aggregator family (each module lists its names in
+# __all__).
+from pcgrad_optax._aggregators import *  # noqa: E402,F401,F403
+from pcgrad_optax._stateful import *  # noqa: E402,F401,F403
+
 __version__ = "0.1.0"
 
 __all__ = (

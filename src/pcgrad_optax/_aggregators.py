@@ -1,0 +1,3 @@
+"""Placeholder: filled in by the aggregator work."""
+
+__all__ = []
