@@ -189,19 +189,25 @@ def multi_steps(inner: optax.GradientTransformation, every_k: int, *,
 
   def update_fn(updates, state, params=None, **extra_args):
     _core.num_tasks(updates, None)
-    try:
-      acc = jax.tree.map(
-          lambda a, g: a + (g.astype(a.dtype) - a) / (state.mini_step + 1),
-          state.acc_grads, updates)
-    except ValueError as e:
+    # Check shapes before accumulating: `a + (g - a) / n` would broadcast a
+    # (1, ...) accumulator against (T, ...) gradients without complaint.
+    acc_leaves, acc_def = jax.tree_util.tree_flatten_with_path(
+        state.acc_grads)
+    grad_def = jax.tree.structure(updates)
+    if acc_def != grad_def:
       raise ValueError(
           "multi_steps: the stacked gradients do not match the accumulator "
-          f"allocated at init for num_tasks={num_tasks} ({e}).") from None
-    for a, g in zip(jax.tree.leaves(acc), jax.tree.leaves(updates)):
+          f"allocated at init for num_tasks={num_tasks}: {grad_def} vs "
+          f"{acc_def}.")
+    for (path, a), g in zip(acc_leaves, jax.tree.leaves(updates)):
       if a.shape != g.shape:
         raise ValueError(
-            f"multi_steps: stacked gradient leaf of shape {g.shape} does not "
-            f"match the accumulator shape {a.shape} (num_tasks={num_tasks}).")
+            f"multi_steps: stacked gradient leaf '{_core.leaf_name(path)}' has "
+            f"shape {g.shape}, expected the accumulator shape {a.shape} "
+            f"(num_tasks={num_tasks}).")
+    acc = jax.tree.map(
+        lambda a, g: a + (g.astype(a.dtype) - a) / (state.mini_step + 1),
+        state.acc_grads, updates)
     is_last = state.mini_step == every_k - 1
 
     def real_step(_):
