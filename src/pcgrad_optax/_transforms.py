@@ -66,7 +66,14 @@ def pcgrad(key: jax.Array | int = 0, *, reduction: str = "sum",
   gradients plus ``O(T^3)`` scalar work, with no Python loop over tasks.
   Non-shared leaves (task heads) get the plain sum (or mean) over their task
   axis, i.e. each head receives its own task's gradient untouched.
-  """ + _FIRST_IN_CHAIN + r"""
+
+  .. warning::
+    The transformation consumes *stacked* gradients (a leading task axis on
+    every leaf) and emits params-shaped updates, so it must come first in an
+    ``optax.chain``. Wrappers that assume params-shaped gradients
+    (``optax.MultiSteps``, ``optax.apply_if_finite``, ``optax.masked``) cannot
+    wrap it; accumulate micro-batches with :func:`pcgrad_optax.multi_steps`.
+
   Args:
     key: int seed or PRNG key (typed or legacy) for the random orders. The same
       key gives the same sequence of orders.
@@ -181,8 +188,10 @@ def multi_steps(inner: optax.GradientTransformation, every_k: int, *,
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    # broadcast_to keeps the params' sharding on the stacked accumulator.
     acc = jax.tree.map(
-        lambda p: jnp.zeros((num_tasks,) + jnp.shape(p), jnp.asarray(p).dtype),
+        lambda p: jnp.broadcast_to(jnp.zeros_like(p),
+                                   (num_tasks,) + jnp.shape(p)),
         params)
     return MultiStepsState(mini_step=jnp.zeros([], jnp.int32), acc_grads=acc,
                            inner_state=inner.init(params))
@@ -220,7 +229,9 @@ def multi_steps(inner: optax.GradientTransformation, every_k: int, *,
       out_shape = jax.eval_shape(
           lambda: inner.update(acc, state.inner_state, params,
                                **extra_args)[0])
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+      zeros = jax.tree.map(   # sharded like real_step's output (explicit mesh)
+          lambda s: jnp.zeros(s.shape, s.dtype, out_sharding=s.sharding),
+          out_shape)
       return zeros, state.inner_state, acc, state.mini_step + 1
 
     out, inner_state, acc, mini = jax.lax.cond(is_last, real_step, mini_step,
