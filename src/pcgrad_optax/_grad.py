@@ -9,6 +9,18 @@ import jax
 import jax.numpy as jnp
 
 
+def vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+  """Marks x as varying over the shard_map axes that ref varies over.
+
+  Inside ``jax.shard_map`` the cotangents fed to a VJP must vary over the
+  same manual mesh axes as the outputs they pull back (e.g. per-device
+  losses of a data-parallel axis); a no-op elsewhere.
+  """
+  axis_type = getattr(jax.typeof(ref), "manual_axis_type", None)
+  varying = tuple(sorted(axis_type.varying)) if axis_type is not None else ()
+  return jax.lax.pcast(x, varying, to="varying") if varying else x
+
+
 def task_value_and_grad(loss_fn: Callable[..., Any], *,
                         argnums: int | Sequence[int] = 0,
                         has_aux: bool = False) -> Callable[..., Any]:
@@ -70,7 +82,7 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
       raise ValueError(
           "task_value_and_grad: loss_fn must return a (T,) vector of task "
           f"losses, got shape {jnp.shape(losses)}.")
-    basis = jnp.eye(losses.shape[0], dtype=losses.dtype)
+    basis = vary_like(jnp.eye(losses.shape[0], dtype=losses.dtype), losses)
     grads = jax.vmap(vjp_fn)(basis)
     grads = grads[0] if single else grads
     return ((losses, aux), grads) if has_aux else (losses, grads)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pcgrad_optax._grad import vary_like
+
 
 def check_gram(gram: jax.Array) -> jax.Array:
   """Validates a Gram matrix and returns it in f32 (or wider)."""
@@ -104,7 +106,9 @@ def pcgrad(gram: jax.Array, *, key: jax.Array | None = None,
     step = jnp.where(conflict, dots / jnp.where(norm2 > 0, norm2, 1), 0)
     return coefs.at[rows, j].add(-step)
 
-  coefs = lax.fori_loop(0, t, project_step, jnp.eye(t, dtype=gram.dtype))
+  # vary_like: inside shard_map the loop carry must vary like the Gram does.
+  coefs = lax.fori_loop(0, t, project_step,
+                        vary_like(jnp.eye(t, dtype=gram.dtype), gram))
   return coefs.sum(axis=0)
 
 

@@ -1,0 +1,546 @@
+"""Multi-device checks on 8 simulated CPU devices.
+
+Run by tests/test_sharding.py in a child process with JAX_NUM_CPU_DEVICES=8
+(see conftest.py here). Every check compares against the same computation on
+one device, with no mesh, to float tolerance.
+
+Layouts:
+  fsdp: 1-D mesh of 8, every param split on a feature axis.
+  tp:   (data=2, model=4) mesh, Megatron column/row split on "model".
+  dp:   1-D mesh of 8, params replicated, the batch split.
+  mix:  (data=2, model=4), params split over both axes at once.
+each with explicit axes (jax.set_mesh + AxisType.Explicit) and auto axes.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import os
+import re
+
+if os.environ.get("JAX_NUM_CPU_DEVICES") != "8":
+  raise RuntimeError(
+      "tests/multidevice must run with JAX_NUM_CPU_DEVICES=8 set before JAX "
+      "starts; run tests/test_sharding.py instead.")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.sharding import AxisType  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import pcgrad_optax  # noqa: E402
+from pcgrad_optax import memory  # noqa: E402
+from pcgrad_optax import sharding as pgs  # noqa: E402
+
+T = 4
+RTOL, ATOL = 2e-5, 2e-6
+
+AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+
+PARAM_SHAPES = {"trunk": {"kernel": (16, 64), "bias": (64,)}, "head": (64, 8)}
+MIN_LEAF = 64   # no collective may carry this many numbers
+
+LAYOUTS = {
+    "fsdp": ((8,), ("fsdp",), {
+        "trunk": {"kernel": P("fsdp", None), "bias": P("fsdp")},
+        "head": P("fsdp", None)}),
+    "tp": ((2, 4), ("data", "model"), {
+        "trunk": {"kernel": P(None, "model"), "bias": P("model")},
+        "head": P("model", None)}),
+    "dp": ((8,), ("data",), {
+        "trunk": {"kernel": P(), "bias": P()}, "head": P()}),
+    "mix": ((2, 4), ("data", "model"), {
+        "trunk": {"kernel": P("data", "model"), "bias": P("model")},
+        "head": P("model", "data")}),
+}
+
+
+def make_mesh(layout: str, axis_type: str):
+  shape, names, _ = LAYOUTS[layout]
+  return jax.make_mesh(shape, names,
+                       axis_types=(AXIS_TYPES[axis_type],) * len(names))
+
+
+def is_spec(x):
+  return isinstance(x, P)
+
+
+def put(tree, mesh, specs, stacked=False):
+  if stacked:
+    specs = pgs.stacked_sharding(specs)
+  return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)),
+                      tree, specs, is_leaf=is_spec)
+
+
+def assert_sharded_like(tree, mesh, specs):
+  for x, s in zip(jax.tree.leaves(tree),
+                  jax.tree.leaves(specs, is_leaf=is_spec)):
+    want = NamedSharding(mesh, s)
+    assert x.sharding.is_equivalent_to(want, x.ndim), (
+        f"got {x.sharding}, want {want}")
+
+
+def assert_tree_close(got, want, rtol=RTOL, atol=ATOL):
+  """Leafwise allclose; atol scales with the leaf's largest entry (sharded
+  reductions add in another order, and some methods amplify rounding)."""
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    w = np.asarray(w, np.float64)
+    np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=rtol,
+                               atol=atol * max(1.0, float(np.max(np.abs(w)))))
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(.*?)\s(all-gather|all-reduce|all-to-all|collective-permute|"
+    r"reduce-scatter|collective-broadcast)(-start)?\(")
+
+
+def largest_collective(hlo_text: str) -> int:
+  """Element count of the largest array any collective in the HLO moves."""
+  largest = 0
+  for line in hlo_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if not m:
+      continue
+    for dims in re.findall(r"[a-z0-9]+\[([0-9,]*)\]", m.group(1)):
+      largest = max(largest, math.prod(int(d) for d in dims.split(",") if d))
+  return largest
+
+
+# ---------------------------------------------------------------------------
+# The transformations under test: pcgrad always, the rest of the family when
+# it exists (discovered, so new aggregators are picked up without edits).
+
+MAIN = ("pcgrad", "mgda", "cagrad")
+
+
+def family_names() -> list[str]:
+  names = []
+  for mod_name in ("_aggregators", "_stateful"):
+    mod = getattr(pcgrad_optax, mod_name, None)
+    names += [n for n in getattr(mod, "__all__", []) if n[:1].islower()]
+  return sorted(set(names) - set(MAIN))
+
+
+def build(name: str):
+  """(factory, extra update kwargs) for transformation `name`."""
+  factory = getattr(pcgrad_optax, name)
+  kwargs = {}
+  params = inspect.signature(factory).parameters
+  if "num_tasks" in params and params["num_tasks"].default is \
+      inspect.Parameter.empty:
+    kwargs["num_tasks"] = T
+  make = functools.partial(factory, **kwargs)
+  try:
+    tx = make()
+  except TypeError as e:   # a factory with required arguments we don't know
+    pytest.skip(f"pcgrad_optax.{name}(**{kwargs}) needs more arguments: {e}")
+  if not isinstance(tx, optax.GradientTransformation):
+    pytest.skip(f"pcgrad_optax.{name} is not a transformation factory")
+  update_params = inspect.signature(tx.update).parameters
+  extra = {}
+  if "losses" in update_params:
+    extra["losses"] = jnp.arange(1.0, T + 1.0)
+  return make, extra
+
+
+def random_tree(rng, t=None):
+  shape = (lambda s: (t,) + s) if t else (lambda s: s)
+  return jax.tree.map(
+      lambda s: rng.standard_normal(shape(s)).astype(np.float32),
+      PARAM_SHAPES, is_leaf=lambda s: isinstance(s, tuple))
+
+
+def one_update(txs, extras):
+  """One update of each transformation in `txs` (a dict), one program."""
+  def run(grads, states, params):
+    return {name: tx.update(grads, states[name], params, **extras[name])
+            for name, tx in txs.items()}
+  return run
+
+
+def transform_data():
+  rng = np.random.default_rng(0)
+  return random_tree(rng), random_tree(rng, T)
+
+
+@functools.cache
+def reference(names: tuple[str, ...]):
+  """One update of each transformation on one device, no mesh."""
+  built = {n: build(n) for n in names}
+  txs = {n: make() for n, (make, _) in built.items()}
+  extras = {n: extra for n, (_, extra) in built.items()}
+  params, grads = transform_data()
+  states = {n: tx.init(params) for n, tx in txs.items()}
+  return jax.jit(one_update(txs, extras))(grads, states, params)
+
+
+def check_transforms(names: tuple[str, ...], layout: str, axis_type: str):
+  """Sharded == one device, updates keep the params' sharding, and no
+  collective moves a whole leaf."""
+  want = reference(names)
+  built = {n: build(n) for n in names}
+  extras = {n: extra for n, (_, extra) in built.items()}
+  params_np, grads_np = transform_data()
+  mesh = make_mesh(layout, axis_type)
+  specs = LAYOUTS[layout][2]
+  with jax.set_mesh(mesh):
+    params = put(params_np, mesh, specs)
+    grads = put(grads_np, mesh, specs, stacked=True)
+    txs = {n: make() for n, (make, _) in built.items()}
+    states = {n: tx.init(params) for n, tx in txs.items()}
+    compiled = jax.jit(one_update(txs, extras)).lower(
+        grads, states, params).compile()
+    got = compiled(grads, states, params)
+  for name in names:
+    assert_tree_close(got[name][0], want[name][0])
+    assert_sharded_like(got[name][0], mesh, specs)
+    # The new state has the same structure as on one device.
+    assert jax.tree.structure(got[name][1]) == jax.tree.structure(
+        want[name][1])
+  largest = largest_collective(compiled.as_text())
+  assert largest < MIN_LEAF, (
+      f"{names} on {layout}/{axis_type}: a collective moves {largest} numbers "
+      f"(a whole leaf has >= {MIN_LEAF}); only T x T = {T * T} are needed")
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+@pytest.mark.parametrize("layout", ["fsdp", "tp", "dp"])
+def test_main_transforms(layout, axis_type):
+  """pcgrad (and mgda, cagrad once they exist) in one program per layout."""
+  names = tuple(n for n in MAIN if hasattr(pcgrad_optax, n))
+  check_transforms(names, layout, axis_type)
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_family_transforms(name):
+  """Every other transformation of the family, params split over 2 axes."""
+  check_transforms((name,), "mix", "explicit")
+
+
+# ---------------------------------------------------------------------------
+# A whole training step: task_value_and_grad -> pcgrad -> adam, under jit.
+
+IN, HID = 16, 64
+
+
+def mlp_params(rng):
+  return {"w1": (rng.standard_normal((IN, HID)) / 4).astype(np.float32),
+          "b1": np.zeros(HID, np.float32),
+          "w2": (rng.standard_normal((HID, T)) / 8).astype(np.float32)}
+
+
+MLP_SPECS = {
+    "fsdp": {"w1": P("fsdp", None), "b1": P("fsdp"), "w2": P("fsdp", None)},
+    "tp": {"w1": P(None, "model"), "b1": P("model"), "w2": P("model", None)},
+    "dp": {"w1": P(), "b1": P(), "w2": P()},
+}
+BATCH_SPECS = {"fsdp": P(), "tp": P("data"), "dp": P("data")}
+
+
+def mlp_task_losses(p, x, y, layout=None, explicit=False):
+  """Per-task mean squared errors of a 1-hidden-layer MLP with T outputs."""
+  w1, w2 = p["w1"], p["w2"]
+  if explicit and layout == "fsdp":
+    # FSDP: gather each weight just before use; its gradient is
+    # reduce-scattered back to the param's sharding by the transpose.
+    w1 = jax.sharding.reshard(w1, P())
+    w2 = jax.sharding.reshard(w2, P())
+  h = jnp.tanh(x @ w1 + p["b1"])
+  out = None
+  if explicit and layout == "tp":   # row-parallel matmul: name the output
+    out = P(BATCH_SPECS["tp"][0], None)
+  z = jnp.einsum("bh,ht->bt", h, w2, out_sharding=out)
+  return jnp.mean((z - y) ** 2, axis=0)
+
+
+def train_step(tx, layout=None, explicit=False):
+  losses_fn = functools.partial(mlp_task_losses, layout=layout,
+                                explicit=explicit)
+
+  def run(params, state, x, y):
+    _, grads = pcgrad_optax.task_value_and_grad(losses_fn)(params, x, y)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return run
+
+
+def mlp_data(rng, batch=32):
+  x = rng.standard_normal((batch, IN)).astype(np.float32)
+  # Targets of opposite signs make the tasks conflict.
+  y = np.concatenate([x[:, :T // 2], -x[:, :T - T // 2]], 1).astype(
+      np.float32)
+  return x, y
+
+
+TRAIN_TX = optax.chain(pcgrad_optax.pcgrad(), optax.adam(1e-2))
+
+
+def train_data():
+  rng = np.random.default_rng(1)
+  return (mlp_params(rng),) + mlp_data(rng)
+
+
+@functools.cache
+def train_reference():
+  params, x, y = train_data()
+  return jax.jit(train_step(TRAIN_TX))(params, TRAIN_TX.init(params), x, y)
+
+
+@pytest.mark.parametrize("layout,axis_type", [
+    ("fsdp", "explicit"), ("tp", "explicit"), ("dp", "explicit"),
+    ("tp", "auto")])
+def test_train_step(layout, axis_type):
+  """task_value_and_grad -> pcgrad -> adam -> apply_updates under jit."""
+  params_np, x_np, y_np = train_data()
+  ref, _ = train_reference()
+  mesh = make_mesh(layout, axis_type)
+  specs = MLP_SPECS[layout]
+  with jax.set_mesh(mesh):
+    params = put(params_np, mesh, specs)
+    x = jax.device_put(x_np, NamedSharding(mesh, BATCH_SPECS[layout]))
+    y = jax.device_put(y_np, NamedSharding(mesh, BATCH_SPECS[layout]))
+    state = TRAIN_TX.init(params)
+    new, _ = jax.jit(train_step(TRAIN_TX, layout, axis_type == "explicit"))(
+        params, state, x, y)
+  assert_tree_close(new, ref, rtol=1e-4, atol=1e-5)
+  assert_sharded_like(new, mesh, specs)
+
+
+def test_multi_steps_explicit_fsdp():
+  """The micro-batch accumulator is sharded like the params."""
+  params_np, grads_np = transform_data()
+  tx = pcgrad_optax.multi_steps(
+      optax.chain(pcgrad_optax.pcgrad(), optax.sgd(0.1)), 2, num_tasks=T)
+
+  def two_calls(grads, state, params):   # accumulate, then step
+    _, state = tx.update(grads, state, params)
+    return tx.update(jax.tree.map(lambda g: -0.5 * g, grads), state, params)
+
+  run = jax.jit(two_calls)
+  want, _ = run(grads_np, tx.init(params_np), params_np)
+  mesh = make_mesh("fsdp", "explicit")
+  specs = LAYOUTS["fsdp"][2]
+  with jax.set_mesh(mesh):
+    params = put(params_np, mesh, specs)
+    state = tx.init(params)
+    assert_sharded_like(state.acc_grads, mesh, pgs.stacked_sharding(specs))
+    got, state = run(put(grads_np, mesh, specs, True), state, params)
+  assert_tree_close(got, want)
+  assert_sharded_like(got, mesh, specs)
+  assert_sharded_like(state.acc_grads, mesh, pgs.stacked_sharding(specs))
+
+
+# ---------------------------------------------------------------------------
+# Memory-lean paths on a mesh.
+
+MEMORY_ORDER = np.stack([np.random.default_rng(3).permutation(T)
+                         for _ in range(T)])
+
+
+def memory_weighting(gram):
+  return pcgrad_optax.weighting.pcgrad(gram, order=jnp.asarray(MEMORY_ORDER))
+
+
+@functools.cache
+def memory_reference():
+  params, x, y = train_data()
+  _, stacked = jax.jit(pcgrad_optax.task_value_and_grad(mlp_task_losses))(
+      params, x, y)
+
+  @jax.jit
+  def combine(stacked):
+    gram = pcgrad_optax.gram_matrix(stacked)
+    return gram, pcgrad_optax.weighted_sum(stacked, memory_weighting(gram))
+  return combine(stacked)
+
+
+@pytest.mark.parametrize("layout,axis_type", [("tp", "explicit"),
+                                              ("fsdp", "auto")])
+def test_memory_paths_on_mesh(layout, axis_type):
+  """streaming_aggregate and chunked bf16 task gradients on a mesh."""
+  params_np, x_np, y_np = train_data()
+  gram_ref, update_ref = memory_reference()
+  explicit = axis_type == "explicit"
+
+  def run(params, x, y):
+    losses_fn = functools.partial(mlp_task_losses, layout=layout,
+                                  explicit=explicit)
+    _, update, _, _ = memory.streaming_aggregate(
+        losses_fn, memory_weighting, tasks_per_chunk=3)(params, x, y)
+    _, stacked = memory.task_value_and_grad(
+        losses_fn, tasks_per_chunk=3, dtype=jnp.bfloat16)(params, x, y)
+    return (update, optax.apply_updates(params, update),
+            pcgrad_optax.gram_matrix(stacked))
+
+  mesh = make_mesh(layout, axis_type)
+  specs = MLP_SPECS[layout]
+  with jax.set_mesh(mesh):
+    params = put(params_np, mesh, specs)
+    x = jax.device_put(x_np, NamedSharding(mesh, BATCH_SPECS[layout]))
+    y = jax.device_put(y_np, NamedSharding(mesh, BATCH_SPECS[layout]))
+    update, new_params, gram_bf16 = jax.jit(run)(params, x, y)
+  assert_tree_close(update, update_ref, rtol=1e-4, atol=1e-6)
+  # Explicit axes fix the update's sharding; with auto axes the compiler
+  # picks it, and what matters is that the new params keep theirs.
+  if explicit:
+    assert_sharded_like(update, mesh, specs)
+  assert_sharded_like(new_params, mesh, specs)
+  np.testing.assert_allclose(gram_bf16, gram_ref, rtol=2e-2,
+                             atol=2e-2 * float(jnp.max(jnp.abs(gram_ref))))
+
+
+# ---------------------------------------------------------------------------
+# shard_map: model-parallel Gram with one psum, data-parallel averaging.
+
+def count_psums(jaxpr) -> int:
+  """psum equations in a jaxpr and every jaxpr nested in its equations."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name.startswith("psum")
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (list, tuple)) else [v]):
+        sub = getattr(sub, "jaxpr", sub)   # ClosedJaxpr -> Jaxpr
+        if hasattr(sub, "eqns"):
+          count += count_psums(sub)
+  return count
+
+
+def test_shard_map_gram_one_psum():
+  rng = np.random.default_rng(4)
+  stacked_np = {"w": rng.standard_normal((T, 6, 16)).astype(np.float32),
+                "b": rng.standard_normal((T, 16)).astype(np.float32),
+                "c": rng.standard_normal((T, 5)).astype(np.float32)}
+  in_specs = {"w": P(None, "data", "model"), "b": P(None, "model"),
+              "c": P()}   # b replicated over "data", c over both axes
+  full = np.concatenate([v.reshape(T, -1) for v in stacked_np.values()], 1)
+  gram_ref = full.astype(np.float64) @ full.astype(np.float64).T
+  mesh = make_mesh("mix", "explicit")
+  order = jnp.asarray(np.stack([rng.permutation(T) for _ in range(T)]))
+
+  def local(g):
+    update, gram, weights = pgs.aggregate(
+        g, lambda k: pcgrad_optax.weighting.pcgrad(k, order=order),
+        ("data", "model"))
+    # Every device's own copy of the weights, to check they agree.
+    return update, gram, weights[None]
+
+  with jax.set_mesh(mesh):
+    stacked = put(stacked_np, mesh, in_specs)
+    fn = jax.jit(jax.shard_map(
+        local, in_specs=(in_specs,),
+        out_specs=({"w": P("data", "model"), "b": P("model"), "c": P()}, P(),
+                   P(("data", "model")))))
+    update, gram, weights = fn(stacked)
+    jaxpr = jax.make_jaxpr(fn)(stacked)
+  np.testing.assert_allclose(gram, gram_ref, rtol=1e-5)
+  assert count_psums(jaxpr.jaxpr) == 1
+  assert weights.shape == (8, T)
+  weights = np.asarray(weights)
+  np.testing.assert_array_equal(weights, np.broadcast_to(weights[0], (8, T)))
+  w_ref = jax.jit(pcgrad_optax.weighting.pcgrad)(
+      jnp.asarray(gram_ref, jnp.float32), order=order)
+  update_ref = jax.jit(pcgrad_optax.weighted_sum)(stacked_np, w_ref)
+  assert_tree_close(update, update_ref, rtol=1e-4, atol=1e-5)
+
+
+def shard_map_losses(p, x, y):
+  """The MLP with w1/b1 column- and w2 row-split over "model" (Megatron)."""
+  h = jnp.tanh(x @ p["w1"] + p["b1"])
+  z = lax.psum(h @ p["w2"], "model")
+  return jnp.mean((z - y) ** 2, axis=0)
+
+
+def test_shard_map_data_and_model_parallel_step():
+  """DP x MP inside shard_map equals PCGrad on the full batch, one device."""
+  rng = np.random.default_rng(5)
+  params_np = mlp_params(rng)
+  x_np, y_np = mlp_data(rng)
+  key = jax.random.key(7)
+  weighting = functools.partial(pcgrad_optax.weighting.pcgrad, key=key)
+  _, stacked = jax.jit(pcgrad_optax.task_value_and_grad(mlp_task_losses))(
+      params_np, x_np, y_np)
+  # w2 (row-parallel, split over "model") is a task head here: plain sum.
+  shared = {"w1": True, "b1": True, "w2": False}
+  update_ref, _, _ = jax.jit(functools.partial(
+      pcgrad_optax._core.aggregate, weighting=weighting, shared=shared))(
+          stacked)
+
+  specs = MLP_SPECS["tp"]
+  mesh = make_mesh("tp", "explicit")
+
+  def local(p, x, y):
+    _, grads = pgs.task_value_and_grad(shard_map_losses, "data")(p, x, y)
+    update, _, _ = pgs.aggregate(grads, weighting, "model", params=p,
+                                 shared=shared)
+    return update
+
+  with jax.set_mesh(mesh):
+    params = put(params_np, mesh, specs)
+    x = jax.device_put(x_np, P("data"))
+    y = jax.device_put(y_np, P("data"))
+    update = jax.jit(jax.shard_map(
+        local, in_specs=(specs, P("data"), P("data")), out_specs=specs))(
+            params, x, y)
+  assert_tree_close(update, update_ref, rtol=1e-4, atol=1e-6)
+  assert_sharded_like(update, mesh, specs)
+
+
+def test_data_parallel_average_before_surgery():
+  """pmean of per-task gradients, then PCGrad == PCGrad on the full batch;
+  PCGrad per device, then pmean of the updates, is not."""
+  rng = np.random.default_rng(6)
+  params_np = mlp_params(rng)
+  x_np, y_np = mlp_data(rng, batch=64)
+  tx = pcgrad_optax.pcgrad(3)
+  state0 = tx.init(params_np)
+  _, stacked = jax.jit(pcgrad_optax.task_value_and_grad(mlp_task_losses))(
+      params_np, x_np, y_np)
+  update_ref, _ = jax.jit(tx.update)(stacked, state0, params_np)
+
+  mesh = make_mesh("dp", "explicit")
+
+  def before(p, x, y, s):
+    _, grads = pgs.task_value_and_grad(mlp_task_losses, "data")(p, x, y)
+    return tx.update(grads, s, p)[0]
+
+  def unchecked(p, x, y, s):
+    # check_vma=False: gradients come out per device. sharding's helper
+    # pmean-s them (right); the other output runs PCGrad on each device's
+    # own batch and averages the updates afterwards (the wrong way round).
+    right = before(p, x, y, s)
+    _, grads = pcgrad_optax.task_value_and_grad(mlp_task_losses)(p, x, y)
+    wrong = lax.pmean(tx.update(grads, s, p)[0], "data")
+    return right, wrong
+
+  with jax.set_mesh(mesh):
+    x = jax.device_put(x_np, P("data"))
+    y = jax.device_put(y_np, P("data"))
+    in_specs = (P(), P("data"), P("data"), P())
+    checked = jax.jit(jax.shard_map(before, in_specs=in_specs,
+                                    out_specs=P()))(params_np, x, y, state0)
+    right, wrong = jax.jit(jax.shard_map(
+        unchecked, in_specs=in_specs, out_specs=P(), check_vma=False))(
+            params_np, x, y, state0)
+  assert_tree_close(checked, update_ref, rtol=1e-4, atol=1e-6)
+  assert_tree_close(right, update_ref, rtol=1e-4, atol=1e-6)
+  gap = max(float(np.max(np.abs(a - r)) / np.max(np.abs(r)))
+            for a, r in zip(jax.tree.leaves(wrong),
+                            jax.tree.leaves(update_ref)))
+  assert gap > 1e-3, gap
+
+
+def test_gram_matrix_rejects_unaveraged_data_axis():
+  mesh = make_mesh("tp", "explicit")
+  g = np.ones((T, 8, 4), np.float32)
+  with jax.set_mesh(mesh):
+    fn = jax.shard_map(lambda g: pgs.gram_matrix(g, "model"),
+                       in_specs=P(None, "data", "model"), out_specs=P())
+    with pytest.raises(ValueError, match="average"):
+      fn(jax.device_put(g, P(None, "data", "model")))
