@@ -176,7 +176,7 @@ def leaf_gram(x: jax.Array) -> jax.Array:
       and jax.default_backend() == "cpu" and jax.device_count() == 1
       and explicit_spec(x) is None):
     # CPU, single device, unsharded only: _cpu_gram reshapes the leaf.
-    return _cpu_gram(x.reshape(x.shape[0], -1))
+    return _cpu_gram(jnp.reshape(x, (x.shape[0], -1)))
   return _dot_gram(x)
 
 
@@ -206,6 +206,7 @@ _CPU_LANES = max(1, min(8, len(os.sched_getaffinity(0))
                         else os.cpu_count() or 1))
 
 
+@jax.jit   # fuses the T <= 2 path when called outside jit too
 def _cpu_gram(flat: jax.Array) -> jax.Array:
   """``flat @ flat.T`` of a ``(T, P)`` array, fast on XLA:CPU.
 

@@ -1,0 +1,31 @@
+"""Smoke test of benchmarks/bench_pcgrad.py: its correctness part only.
+
+Our PCGrad update must equal torchjd's on the same stacked gradients (a
+cross-library check; no timing here). torch and torchjd are only the
+``benchmark`` extra, so the test skips without them.
+"""
+
+import importlib.util
+import os
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("torchjd")
+
+_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                      "benchmarks", "bench_pcgrad.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("bench_pcgrad", _BENCH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("num_tasks", [2, 3, 8])
+def test_pcgrad_update_matches_torchjd(bench, num_tasks):
+  # f32 on both sides, different summation orders: agreement to ~1e-7.
+  assert bench.check_against_torchjd(num_tasks) < 1e-5
