@@ -21,6 +21,46 @@ def vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
   return jax.lax.pcast(x, varying, to="varying") if varying else x
 
 
+def losses_and_vjp(loss_fn: Callable[..., Any],
+                   argnums: int | Sequence[int], has_aux: bool,
+                   args: tuple, kwargs: dict, caller: str):
+  """Evaluates ``loss_fn(*args, **kwargs)`` once, with its VJP.
+
+  Returns:
+    ``(losses, vjp_fn, aux)``: the validated ``(T,)`` floating losses, the VJP
+    w.r.t. the ``argnums`` arguments (a tuple of cotangents, one per argnum)
+    and the aux output (None without ``has_aux``).
+  """
+  argnums_t = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+  for a in argnums_t:
+    if a >= len(args):
+      raise ValueError(
+          f"{caller}: argnums={argnums} but only {len(args)} positional "
+          "arguments were given.")
+  primals = tuple(args[a] for a in argnums_t)
+
+  def partial_fn(*diff_args):
+    full = list(args)
+    for a, v in zip(argnums_t, diff_args):
+      full[a] = v
+    return loss_fn(*full, **kwargs)
+
+  aux = None
+  if has_aux:
+    losses, vjp_fn, aux = jax.vjp(partial_fn, *primals, has_aux=True)
+  else:
+    losses, vjp_fn = jax.vjp(partial_fn, *primals)
+  if jnp.ndim(losses) != 1:
+    raise ValueError(
+        f"{caller}: loss_fn must return a (T,) vector of task losses, got "
+        f"shape {jnp.shape(losses)}.")
+  if not jnp.issubdtype(jnp.result_type(losses), jnp.inexact):
+    raise ValueError(
+        f"{caller}: the task losses must be floating point, got "
+        f"{jnp.result_type(losses)}.")
+  return losses, vjp_fn, aux
+
+
 def task_value_and_grad(loss_fn: Callable[..., Any], *,
                         argnums: int | Sequence[int] = 0,
                         has_aux: bool = False) -> Callable[..., Any]:
@@ -58,30 +98,10 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
            [1., 1.]], dtype=float32)
   """
   single = isinstance(argnums, int)
-  argnums_t = (argnums,) if single else tuple(argnums)
 
   def wrapped(*args, **kwargs):
-    for a in argnums_t:
-      if a >= len(args):
-        raise ValueError(
-            f"argnums={argnums} but only {len(args)} positional arguments "
-            "were given.")
-    primals = tuple(args[a] for a in argnums_t)
-
-    def partial_fn(*diff_args):
-      full = list(args)
-      for a, v in zip(argnums_t, diff_args):
-        full[a] = v
-      return loss_fn(*full, **kwargs)
-
-    if has_aux:
-      losses, vjp_fn, aux = jax.vjp(partial_fn, *primals, has_aux=True)
-    else:
-      losses, vjp_fn = jax.vjp(partial_fn, *primals)
-    if jnp.ndim(losses) != 1:
-      raise ValueError(
-          "task_value_and_grad: loss_fn must return a (T,) vector of task "
-          f"losses, got shape {jnp.shape(losses)}.")
+    losses, vjp_fn, aux = losses_and_vjp(
+        loss_fn, argnums, has_aux, args, kwargs, "task_value_and_grad")
     basis = vary_like(jnp.eye(losses.shape[0], dtype=losses.dtype), losses)
     grads = jax.vmap(vjp_fn)(basis)
     grads = grads[0] if single else grads

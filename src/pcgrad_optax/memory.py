@@ -56,6 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pcgrad_optax import _core
+from pcgrad_optax._grad import losses_and_vjp
 from pcgrad_optax._grad import vary_like
 
 PyTree = Any
@@ -137,27 +138,10 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
   """
   _check_chunk(tasks_per_chunk)
   single = isinstance(argnums, int)
-  argnums_t = (argnums,) if single else tuple(argnums)
 
   def wrapped(*args, **kwargs):
-    for a in argnums_t:
-      if a >= len(args):
-        raise ValueError(
-            f"argnums={argnums} but only {len(args)} positional arguments "
-            "were given.")
-    primals = tuple(args[a] for a in argnums_t)
-
-    def partial_fn(*diff_args):
-      full = list(args)
-      for a, v in zip(argnums_t, diff_args):
-        full[a] = v
-      return loss_fn(*full, **kwargs)
-
-    if has_aux:
-      losses, vjp_fn, aux = jax.vjp(partial_fn, *primals, has_aux=True)
-    else:
-      losses, vjp_fn = jax.vjp(partial_fn, *primals)
-    _check_losses(losses, "memory.task_value_and_grad")
+    losses, vjp_fn, aux = losses_and_vjp(
+        loss_fn, argnums, has_aux, args, kwargs, "memory.task_value_and_grad")
 
     # XLA:CPU updates a 16-bit float buffer inside a loop by converting the
     # whole buffer to f32 and back on every chunk; carrying the bits as
