@@ -258,6 +258,28 @@ def leaf_weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
   return out.astype(x.dtype)
 
 
+def sum_over_tasks(x: jax.Array, row_fn: Callable[[jax.Array, jax.Array],
+                                                  PyTree]) -> PyTree:
+  """``sum_t row_fn(x[t], t)`` over the leading (task) axis of x.
+
+  ``row_fn`` maps one task's slice and its index to a pytree of arrays, all
+  summed over t. XLA:CPU reduces over a leading axis very slowly (a
+  ``jnp.sum(x, axis=0)`` of a (8, 1M) f32 array: ~50x the time of adding
+  its rows one by one), so on CPU this is a ``fori_loop`` adding one row's
+  terms per step (compile time flat in T, no ``(T, ...)`` temporaries);
+  elsewhere the vectorised ``vmap`` + ``sum``, which GPU/TPU fuse.
+  """
+  t = x.shape[0]
+  if jax.default_backend() != "cpu":
+    terms = jax.vmap(row_fn)(x, jnp.arange(t))
+    return jax.tree.map(lambda a: jnp.sum(a, axis=0), terms)
+  first = row_fn(x[0], jnp.zeros([], jnp.int32))
+  return lax.fori_loop(
+      1, t, lambda i, total: jax.tree.map(
+          jnp.add, total, row_fn(lax.dynamic_index_in_dim(x, i, 0, False), i)),
+      first)
+
+
 def masked_gram(leaves: list[jax.Array], mask: list[bool],
                 t: int) -> jax.Array:
   """Sum of the per-leaf Gram matrices of the leaves whose mask is True."""

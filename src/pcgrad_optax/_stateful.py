@@ -316,18 +316,20 @@ def _graddrop_step(leaves, key, count, leak, *, mask, reduction):
       continue
     uniform = jax.random.uniform(jax.random.fold_in(step_key, index),
                                  x.shape[1:], jnp.float32)
-    g = x.astype(acc)
-    total_abs = jnp.sum(jnp.abs(g), axis=0)
+    # Two passes over the task axis, never a (T, ...) temporary.
+    total, total_abs = _core.sum_over_tasks(
+        x, lambda g, _: (g.astype(acc), jnp.abs(g.astype(acc))))
     nonzero = total_abs > 0
     purity = jnp.where(
-        nonzero,
-        0.5 * (1 + jnp.sum(g, axis=0) / jnp.where(nonzero, total_abs, 1)),
-        0.5)
-    keep = ((purity > uniform) & (g > 0)) | ((purity < uniform) & (g < 0))
-    leak_t = jnp.broadcast_to(leak.astype(acc), (t,)).reshape(
-        (t,) + (1,) * (x.ndim - 1))
-    factor = leak_t + (1 - leak_t) * keep.astype(acc)
-    out.append((jnp.sum(factor * g, axis=0) * scale).astype(x.dtype))
+        nonzero, 0.5 * (1 + total / jnp.where(nonzero, total_abs, 1)), 0.5)
+    leaks = jnp.broadcast_to(leak.astype(acc), (t,))
+
+    def kept(g, task, purity=purity, uniform=uniform):
+      g = g.astype(acc)
+      keep = ((purity > uniform) & (g > 0)) | ((purity < uniform) & (g < 0))
+      return jnp.where(keep, g, leaks[task] * g)
+
+    out.append((_core.sum_over_tasks(x, kept) * scale).astype(x.dtype))
   return out
 
 
