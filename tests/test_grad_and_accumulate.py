@@ -46,7 +46,8 @@ def per_task_grads(fn, argnums, *args, **kwargs):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *grads)
 
 
-def test_task_value_and_grad_argnums_int():
+@pytest.mark.parametrize("batched", [True, False])
+def test_task_value_and_grad_argnums_int(batched):
   calls = []
 
   def counted(*args, **kwargs):
@@ -55,8 +56,8 @@ def test_task_value_and_grad_argnums_int():
 
   @jax.jit
   def everything(params):
-    losses, grads = po.task_value_and_grad(counted)(params, HEAD, X,
-                                                    temperature=2.0)
+    losses, grads = po.task_value_and_grad(counted, batched=batched)(
+        params, HEAD, X, temperature=2.0)
     return (losses, grads, three_losses(params, HEAD, X, temperature=2.0),
             jax.jacrev(lambda p: three_losses(p, HEAD, X,
                                               temperature=2.0))(params),
@@ -64,21 +65,22 @@ def test_task_value_and_grad_argnums_int():
                            temperature=2.0))
 
   losses, grads, direct, jac, per_task = everything(PARAMS)
-  assert len(calls) == 1        # one forward pass, one shared VJP
+  assert len(calls) == 1        # one forward pass, shared by the T VJPs
   np.testing.assert_allclose(losses, direct, rtol=1e-6)
   assert_trees_close(grads, jac)
   assert_trees_close(grads, per_task)
   assert grads["w"].shape == (3, 3, 4)
 
 
-def test_task_value_and_grad_argnums_tuple_and_jit():
+@pytest.mark.parametrize("batched", [True, False])
+def test_task_value_and_grad_argnums_tuple_and_jit(batched):
   @jax.jit
   def everything(params, head, x):
-    return (po.task_value_and_grad(three_losses, argnums=(0, 1))(
-        params, head, x)[1],
+    return (po.task_value_and_grad(three_losses, argnums=(0, 1),
+                                   batched=batched)(params, head, x)[1],
             jax.jacrev(three_losses, argnums=(0, 1))(params, head, x),
             per_task_grads(three_losses, (0, 1), params, head, x),
-            po.task_value_and_grad(three_losses, argnums=1)(
+            po.task_value_and_grad(three_losses, argnums=1, batched=batched)(
                 params, head, x)[1])
 
   grads, jac, per_task, head_only = everything(PARAMS, HEAD, X)
@@ -88,17 +90,19 @@ def test_task_value_and_grad_argnums_tuple_and_jit():
   assert_trees_close(head_only, jac[1])
 
 
-def test_task_value_and_grad_has_aux():
+@pytest.mark.parametrize("batched", [True, False])
+def test_task_value_and_grad_has_aux(batched):
   def with_aux(params, head, x):
     losses = three_losses(params, head, x)
     return losses, {"total": jnp.sum(losses)}
 
   @jax.jit
   def everything(params, head, x):
-    return (po.task_value_and_grad(with_aux, has_aux=True)(params, head, x),
+    return (po.task_value_and_grad(with_aux, has_aux=True, batched=batched)(
+        params, head, x),
             jax.jacrev(with_aux, has_aux=True)(params, head, x)[0],
-            po.task_value_and_grad(with_aux, argnums=(1,), has_aux=True)(
-                params, head, x)[1],
+            po.task_value_and_grad(with_aux, argnums=(1,), has_aux=True,
+                                   batched=batched)(params, head, x)[1],
             jax.jacrev(with_aux, argnums=(1,), has_aux=True)(
                 params, head, x)[0])
 

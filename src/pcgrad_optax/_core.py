@@ -202,6 +202,8 @@ _CPU_MIN_CHUNK = 1024          # ... but never narrower than this (large T)
 # of a step concurrently on its thread pool only when a step has more than 8
 # ops; 16 slices keep both cores (or more) busy.
 _CPU_SLICES_PER_STEP = 16
+# Up to this many tasks leaf_weighted_sum adds rows instead (see there).
+_CPU_MAX_ROW_LOOP_TASKS = 8
 
 
 def _cpu_fast_path(x) -> bool:
@@ -250,6 +252,12 @@ def _cpu_gram(flat: jax.Array) -> jax.Array:
 def leaf_weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
   """``sum_t weights[t] * x[t]`` accumulated in f32+, returned in x's dtype."""
   acc = accumulation_dtype(x.dtype)
+  if x.shape[0] <= _CPU_MAX_ROW_LOOP_TASKS and _cpu_fast_path(x):
+    # XLA:CPU's dot_general is up to 2x slower here than adding w_t x_t row
+    # by row (10M f32 params: 35 vs 17 ms at T=2, 41 vs 35 ms at T=8).
+    w = weights.astype(acc)
+    return sum_over_tasks(x, lambda row, t: w[t] * row.astype(acc)).astype(
+        x.dtype)
   spec = explicit_spec(x)   # the update keeps the param's sharding
   out = lax.dot_general(
       weights.astype(acc), x, (((0,), (0,)), ((), ())),

@@ -63,7 +63,8 @@ def losses_and_vjp(loss_fn: Callable[..., Any],
 
 def task_value_and_grad(loss_fn: Callable[..., Any], *,
                         argnums: int | Sequence[int] = 0,
-                        has_aux: bool = False) -> Callable[..., Any]:
+                        has_aux: bool = False,
+                        batched: bool = True) -> Callable[..., Any]:
   r"""Like ``jax.value_and_grad`` for a vector of task losses.
 
   ``loss_fn`` returns a ``(T,)`` vector :math:`L(\theta)` of task losses. The
@@ -82,6 +83,13 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
     argnums: which positional argument(s) to differentiate, as in
       ``jax.grad``.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
+    batched: ``True`` (default): one ``jax.vmap``-ed VJP, so the traced
+      program and its compile time do not grow with T. ``False``: T separate
+      calls of the same VJP (one forward pass still), stacked; the program
+      grows linearly with T. Same numbers either way. ``False`` is for a few
+      tasks on XLA:CPU, where a batched pullback through convolutions and
+      pooling can be much slower than separate ones (1.5-1.8x on a small
+      CNN, see ``benchmarks/results/e2e.md``); on GPU/TPU keep the default.
 
   Returns:
     A function with ``loss_fn``'s signature returning ``(losses, grads)`` or
@@ -103,7 +111,11 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
     losses, vjp_fn, aux = losses_and_vjp(
         loss_fn, argnums, has_aux, args, kwargs, "task_value_and_grad")
     basis = vary_like(jnp.eye(losses.shape[0], dtype=losses.dtype), losses)
-    grads = jax.vmap(vjp_fn)(basis)
+    if batched:
+      grads = jax.vmap(vjp_fn)(basis)
+    else:
+      rows = [vjp_fn(basis[t]) for t in range(losses.shape[0])]
+      grads = jax.tree.map(lambda *r: jnp.stack(r), *rows)
     grads = grads[0] if single else grads
     return ((losses, aux), grads) if has_aux else (losses, grads)
 
