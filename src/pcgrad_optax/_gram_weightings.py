@@ -149,14 +149,14 @@ def _nnls(q: jax.Array, h: jax.Array,
 
   Lawson–Hanson's NNLS method written on the normal equations (``Q = A^T A``
   PSD, ``h = A^T b`` in the range of ``Q``): keep a passive set ``P``; solve
-  the unconstrained problem on ``P`` (a masked ``T x T`` pseudo-inverse); if
-  that solution is positive take it and add the index with the most negative
-  gradient, else step towards it until a passive entry hits zero and drop
-  that one. Finite in exact arithmetic; here one ``lax.while_loop`` with a
-  cap of ``3T + 10`` steps, each one ``T x T`` eigendecomposition.
+  the unconstrained problem on ``P`` (a Cholesky solve of the masked
+  ``T x T`` system); if that solution is positive take it and add the index
+  with the most negative gradient, else step towards it until a passive
+  entry hits zero and drop that one. Finite in exact arithmetic; here one
+  ``lax.while_loop`` with a cap of ``3T + 10`` steps.
 
   Callers pass ``Q`` scaled to a unit diagonal (cosine form), so the
-  pseudo-inverse cut-off and the stopping tolerance are relative to the
+  ridge and the stopping tolerance are relative to the
   directions of the gradients, not their norms.
 
   Args:
@@ -173,14 +173,25 @@ def _nnls(q: jax.Array, h: jax.Array,
   rtol = t * eps
   max_iter = 3 * t + 10
   idx = jnp.arange(t, dtype=jnp.int32)
+  # The nearest PSD matrix (a rounded, e.g. bf16, Gram can be slightly
+  # indefinite): then every Q_PP + rtol I below is positive definite.
+  lam, vec = jnp.linalg.eigh(q)
+  q = _mm(vec * jnp.maximum(lam, 0)[None, :], vec.T)
+  q = (q + q.T) / 2
   abs_q, abs_h = jnp.abs(q), jnp.abs(h)
   if passive is None:
     passive = jnp.zeros((t,), bool)
 
   def solve_on(p):
+    # Lawson-Hanson keeps the passive columns linearly independent, so Q_PP
+    # is positive definite: a Cholesky solve (a few times cheaper than the
+    # eigendecomposition a pseudo-inverse needs), with a ridge of rtol on
+    # the passive diagonal against round-off, the identity elsewhere.
     both = p[:, None] & p[None, :]
-    pinv = _psd_pinv(jnp.where(both, q, 0), rtol)
-    return jnp.where(p, _mm(pinv, jnp.where(p, h, 0)), 0)
+    mat = jnp.where(both, q, 0) + jnp.diag(jnp.where(p, rtol, 1).astype(dtype))
+    factor = jax.scipy.linalg.cho_factor(mat, lower=True)
+    return jnp.where(p, jax.scipy.linalg.cho_solve(factor, jnp.where(p, h, 0)),
+                     0)
 
   def cond(state):
     it, _, _, _, _, done = state
