@@ -192,11 +192,11 @@ def build(num_tasks: int, leaves: dict):
   }
 
 
-def time_interleaved(fns: dict, rounds: int) -> dict:
+def time_interleaved(fns: dict, rounds: int, warmup: int = 2) -> dict:
   """Median and IQR (seconds) per fn; round-robin, rotating the order."""
   for fn, args in fns.values():              # compile and warm up
-    fn(*args)
-    fn(*args)
+    for _ in range(warmup):
+      fn(*args)
   names = list(fns)
   samples = {name: [] for name in names}
   for r in range(rounds):

@@ -407,8 +407,8 @@ def findings(timing, memrows):
       "",
       f"* **Compile time is nearly flat in T**: {timing[0]['compile_s']:.1f} "
       f"s at T = {timing[0]['T']}, {timing[-1]['compile_s']:.1f} s at T = "
-      f"{timing[-1]['T']} (all values {min(comp):.1f} to {max(comp):.1f} s, "
-      "on a shared machine) while T grows 256x and the step time "
+      f"{timing[-1]['T']} (all values {min(comp):.1f} to {max(comp):.1f} s) "
+      "while T grows 256x and the step time "
       f"{timing[-1]['step_s'] / timing[0]['step_s']:.0f}x: no Python loop "
       f"over tasks, and T = {timing[-1]['T']} with {p:,} shared params runs "
       "under `jax.jit`.",

@@ -88,8 +88,8 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
       calls of the same VJP (one forward pass still), stacked; the program
       grows linearly with T. Same numbers either way. ``False`` is for a few
       tasks on XLA:CPU, where a batched pullback through convolutions and
-      pooling can be much slower than separate ones (1.5-1.8x on a small
-      CNN, see ``benchmarks/results/e2e.md``); on GPU/TPU keep the default.
+      pooling can be slower than separate ones (1.04-1.13x on the small CNN
+      of ``benchmarks/results/e2e.md``); on GPU/TPU keep the default.
 
   Returns:
     A function with ``loss_fn``'s signature returning ``(losses, grads)`` or
