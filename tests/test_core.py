@@ -335,3 +335,33 @@ def test_gram_not_square(shape):
 def test_weighting_needs_key_or_order():
   with pytest.raises(ValueError, match="key"):
     po.weighting.pcgrad(jnp.eye(2))
+
+
+def test_plain_dict_mask_for_nnx_state():
+  # An nnx.State is its own pytree node type: a plain nested dict mask with
+  # the same keys is matched by key paths (each entry covers its subtree).
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.trunk = nnx.Linear(3, 4, rngs=rngs)
+      self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  _, params = nnx.split(Model(nnx.Rngs(0)), nnx.Param)
+  grads = jax.tree.map(lambda p: jnp.stack([p, -2 * p, p + 1]), params)
+  state_mask = jax.tree.map(lambda _: True, params)
+  state_mask["head"] = jax.tree.map(lambda _: False, params["head"])
+  expected = po.gram_matrix(grads, shared=state_mask)
+  for mask in ({"trunk": True, "head": False},
+               {"trunk": {"kernel": True, "bias": True}, "head": False}):
+    np.testing.assert_allclose(po.gram_matrix(grads, shared=mask), expected)
+    tx = po.pcgrad(0, shared=mask)
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["head"]["kernel"][...],
+                               grads["head"]["kernel"][...].sum(0),
+                               rtol=1e-6)
+  for bad in ({"trunk": True}, {"trunk": True, "head": False, "x": True},
+              {"trunk": {"kernel": True}, "head": False}):
+    with pytest.raises(ValueError, match=has_all("mask", "structure")):
+      po.gram_matrix(grads, shared=bad)

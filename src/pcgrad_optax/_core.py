@@ -125,7 +125,9 @@ def shared_leaves(shared: SharedMask, stacked: PyTree,
   Args:
     shared: None (every leaf shared), a pytree of bools with the structure of
       the params (or a prefix of it, like ``optax.masked``), or a callable
-      ``params -> pytree of bools``.
+      ``params -> pytree of bools``. A mask of other container types with
+      the same keys (a nested dict for a Flax ``nnx.State``) is matched by
+      key paths, every entry covering the leaves below it.
     stacked: the stacked gradients.
     params: the params, handed to a callable mask; when None the callable
       gets a shape-only view of the params.
@@ -149,11 +151,43 @@ def shared_leaves(shared: SharedMask, stacked: PyTree,
     broadcast = jax.tree.map(
         lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, stacked)
   except (ValueError, TypeError) as e:
-    raise ValueError(
-        "The `shared` mask's structure does not match the gradients: mask "
-        f"{jax.tree.structure(mask)} vs gradients "
-        f"{jax.tree.structure(stacked)} ({e}).") from None
+    by_path = _mask_by_key_path(mask, stacked)
+    if by_path is None:
+      raise ValueError(
+          "The `shared` mask's structure does not match the gradients: mask "
+          f"{jax.tree.structure(mask)} vs gradients "
+          f"{jax.tree.structure(stacked)} ({e}).") from None
+    return by_path
   return jax.tree.leaves(broadcast)
+
+
+def _key_name(key) -> Any:
+  for attr in ("key", "name", "idx"):   # DictKey, GetAttrKey, SequenceKey
+    if hasattr(key, attr):
+      return getattr(key, attr)
+  return str(key)
+
+
+def _mask_by_key_path(mask: PyTree, stacked: PyTree) -> list[bool] | None:
+  """A mask matched to the gradients by key names, or None.
+
+  For containers of other node types than the gradients' with the same keys,
+  e.g. a plain nested dict against a Flax ``nnx.State``: each gradient leaf
+  takes the mask entry whose key path is the longest prefix of its own. None
+  unless every leaf finds an entry and every entry is used.
+  """
+  entries = {tuple(map(_key_name, path)): bool(m)
+             for path, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  out, used = [], set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(stacked)[0]:
+    keys = tuple(map(_key_name, path))
+    prefix = next((keys[:n] for n in range(len(keys), -1, -1)
+                   if keys[:n] in entries), None)
+    if prefix is None:
+      return None
+    used.add(prefix)
+    out.append(entries[prefix])
+  return out if used == set(entries) else None
 
 
 def explicit_spec(x) -> tuple | None:

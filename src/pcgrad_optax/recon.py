@@ -62,7 +62,8 @@ gradient and are not part of any layer.
 Flax NNX: work on the ``nnx.Param`` state (``graphdef, state =
 nnx.split(model, nnx.Param)``), write ``task_loss`` with
 ``nnx.merge(graphdef, state)``, and give ``shared=`` masks as ``nnx.State``
-prefixes (or callables returning one).
+prefixes, plain nested dicts with the same keys, or callables returning
+either.
 
 Example (Flax Linen: search, branch, retrain):
 
@@ -711,10 +712,9 @@ def shared_mask(branched_params: PyTree, layers: Sequence[str], *,
     layers: the branched layer names.
     grouping: the grouping of leaves into layers (as in :func:`branch`).
     shared: an optional base mask (pytree of bools, prefix or callable
-      ``params -> pytree of bools``) to combine with. For a Flax NNX state a
-      prefix mask must itself be an ``nnx.State`` (e.g.
-      ``lambda s: nnx.State({k: not k.startswith("head") for k in s})``): a
-      plain dict is not a prefix of a State.
+      ``params -> pytree of bools``) to combine with. For a Flax NNX state
+      it may be an ``nnx.State`` prefix or a plain nested dict with the same
+      keys (matched by key paths, e.g. ``{"trunk": True, "head": False}``).
 
   Returns:
     A pytree of Python bools with the structure of ``branched_params``.
