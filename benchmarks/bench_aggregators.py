@@ -69,9 +69,9 @@ import numpy as np
 import pcgrad_optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_name, load1, wait_for_quiet  # pylint: disable=g-import-not-at-top,wrong-import-position
 from bench_pcgrad import (  # pylint: disable=g-import-not-at-top,wrong-import-position
-    RESULTS, cpu_name, load1, num_threads, time_interleaved, torch_setup,
-    wait_for_quiet)
+    RESULTS, num_threads, time_interleaved, torch_setup)
 
 
 def model_leaves(num_params: int) -> dict:
@@ -371,6 +371,7 @@ def fastest_peer(cell, name):
 
 def tables(cells, names, libmtl) -> list:
   lines = []
+  libmtl_entries = {name: entry[2] for name, entry in methods(2).items()}
   # Summary: ours / fastest peer, one column per cell.
   head = [f"T={c['T']}, P={c['P'] / 1e6:.3g}M" for c in cells]
   lines += ["| method | " + " | ".join(head) + " |",
@@ -410,7 +411,7 @@ def tables(cells, names, libmtl) -> list:
         elif label in c["skipped"]:
           cols.append(f"skipped ({c['skipped'][label]})")
         elif lib == "LibMTL":
-          lib_entry = methods(2)[name][2]
+          lib_entry = libmtl_entries[name]
           cols.append("not installed" if libmtl is None and
                       isinstance(lib_entry, tuple) else
                       (lib_entry if isinstance(lib_entry, str) else "—"))

@@ -51,6 +51,9 @@ import optax
 
 import pcgrad_optax
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_name, load1, wait_for_quiet  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -242,34 +245,6 @@ def _iqr(samples):
   return float(q[1] - q[0])
 
 
-def load1() -> float:
-  with open("/proc/loadavg") as f:
-    return float(f.read().split()[0])
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 1.0) -> tuple:
-  """Polls the 1-minute load until < threshold or max_wait seconds pass."""
-  t0 = time.time()
-  load = load1()
-  while load >= threshold and time.time() - t0 < max_wait:
-    print(f"  1-min load {load:.2f} >= {threshold}; waiting "
-          f"({time.time() - t0:.0f}/{max_wait:.0f} s)", flush=True)
-    time.sleep(15)
-    load = load1()
-  return load, time.time() - t0
-
-
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
@@ -290,7 +265,7 @@ def main(argv=None):
     args.max_wait = 0.0
 
   print(f"JAX {jax.__version__} on {jax.devices()}")
-  load_before, waited = wait_for_quiet(args.max_wait)
+  load_before, waited = wait_for_quiet(args.max_wait, poll=15)
   print(f"1-min load at start: {load_before:.2f} (waited {waited:.0f} s)")
   tables = []
   for t in args.tasks:

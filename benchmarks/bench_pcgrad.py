@@ -51,6 +51,9 @@ import numpy as np
 
 import pcgrad_optax
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import cpu_name, load1, wait_for_quiet  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # 8 leaves, 3,025,920 parameters: a small conv net's kernels and biases.
@@ -232,34 +235,6 @@ def compile_times(task_counts, leaves: dict, repeats: int = 3) -> dict:
       samples.append(time.perf_counter() - t0)
     out[t] = min(samples)
   return out
-
-
-def load1() -> float:
-  with open("/proc/loadavg") as f:
-    return float(f.read().split()[0])
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 1.0) -> tuple:
-  """Polls the 1-minute load until < threshold or max_wait seconds pass."""
-  t0 = time.time()
-  load = load1()
-  while load >= threshold and time.time() - t0 < max_wait:
-    print(f"  1-min load {load:.2f} >= {threshold}; waiting "
-          f"({time.time() - t0:.0f}/{max_wait:.0f} s)", flush=True)
-    time.sleep(30)
-    load = load1()
-  return load, time.time() - t0
-
-
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def versions() -> str:

@@ -57,6 +57,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import load1  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DIMS = (256, 1024, 640, 128)     # trunk: 1,001,216 params
 BATCH = 64
@@ -199,11 +202,6 @@ def child(argv):
   t, mode = int(argv[0]), argv[1]
   kw = json.loads(argv[2]) if len(argv) > 2 else {}
   print(json.dumps(compile_and_time(t, mode, reps=1, **kw)))
-
-
-def load1() -> float:
-  with open("/proc/loadavg") as f:
-    return float(f.read().split()[0])
 
 
 def gib(b):

@@ -35,18 +35,8 @@ from pcgrad_optax import _core
 from pcgrad_optax import _gram_weightings as gw
 from pcgrad_optax._transforms import _FIRST_IN_CHAIN
 
-__all__ = [
-    "aligned_mtl",
-    "cagrad",
-    "config",
-    "dualproj",
-    "imtl_g",
-    "mean",
-    "mgda",
-    "nash_mtl",
-    "sum",
-    "upgrad",
-]
+# One transformation per Gram weighting, under the weighting's name.
+__all__ = list(gw.__all__)
 
 _SHARED_ARGS = """    reduction: ``"sum"`` (the method's weights as they are) or
       ``"mean"`` (divides the update, heads included, by T).

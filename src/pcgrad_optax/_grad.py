@@ -50,6 +50,12 @@ def losses_and_vjp(loss_fn: Callable[..., Any],
     losses, vjp_fn, aux = jax.vjp(partial_fn, *primals, has_aux=True)
   else:
     losses, vjp_fn = jax.vjp(partial_fn, *primals)
+  check_task_losses(losses, caller)
+  return losses, vjp_fn, aux
+
+
+def check_task_losses(losses, caller: str) -> None:
+  """ValueError unless ``losses`` is a floating ``(T,)`` vector."""
   if jnp.ndim(losses) != 1:
     raise ValueError(
         f"{caller}: loss_fn must return a (T,) vector of task losses, got "
@@ -58,7 +64,6 @@ def losses_and_vjp(loss_fn: Callable[..., Any],
     raise ValueError(
         f"{caller}: the task losses must be floating point, got "
         f"{jnp.result_type(losses)}.")
-  return losses, vjp_fn, aux
 
 
 def task_value_and_grad(loss_fn: Callable[..., Any], *,

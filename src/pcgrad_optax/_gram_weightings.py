@@ -451,6 +451,19 @@ def _torchjd_normalized(gram, reg_eps):
   return gram + reg_eps * jnp.eye(gram.shape[0], dtype=gram.dtype)
 
 
+def _dual_cone_args(gram, task_weights, reg_eps) -> tuple:
+  """UPGrad's and DualProj's checked ``(gram, task_weights, reg_eps)``."""
+  gram = _check_gram(gram)
+  t = gram.shape[0]
+  if task_weights is None:
+    task_weights = jnp.full((t,), 1.0 / t, gram.dtype)
+  task_weights = _check_task_vector(task_weights, t, "task_weights",
+                                    gram.dtype)
+  if isinstance(_as_float(reg_eps), float) and reg_eps < 0:
+    raise ValueError(f"reg_eps must be >= 0, got {reg_eps}.")
+  return gram, task_weights, jnp.asarray(reg_eps, gram.dtype)
+
+
 @jax.jit
 def _upgrad(gram, task_weights, reg_eps):
   gram_n = _torchjd_normalized(gram, reg_eps)
@@ -504,15 +517,7 @@ def upgrad(gram: jax.Array, *, task_weights: jax.Array | None = None,
     Quinton & Rey, `Jacobian Descent for Multi-Objective Optimization
     <https://arxiv.org/abs/2406.16232>`_, 2024.
   """
-  gram = _check_gram(gram)
-  t = gram.shape[0]
-  if task_weights is None:
-    task_weights = jnp.full((t,), 1.0 / t, gram.dtype)
-  task_weights = _check_task_vector(task_weights, t, "task_weights",
-                                    gram.dtype)
-  if isinstance(_as_float(reg_eps), float) and reg_eps < 0:
-    raise ValueError(f"reg_eps must be >= 0, got {reg_eps}.")
-  return _upgrad(gram, task_weights, jnp.asarray(reg_eps, gram.dtype))
+  return _upgrad(*_dual_cone_args(gram, task_weights, reg_eps))
 
 
 @jax.jit
@@ -563,15 +568,7 @@ def dualproj(gram: jax.Array, *, task_weights: jax.Array | None = None,
     `Jacobian Descent for Multi-Objective Optimization
     <https://arxiv.org/abs/2406.16232>`_, 2024.
   """
-  gram = _check_gram(gram)
-  t = gram.shape[0]
-  if task_weights is None:
-    task_weights = jnp.full((t,), 1.0 / t, gram.dtype)
-  task_weights = _check_task_vector(task_weights, t, "task_weights",
-                                    gram.dtype)
-  if isinstance(_as_float(reg_eps), float) and reg_eps < 0:
-    raise ValueError(f"reg_eps must be >= 0, got {reg_eps}.")
-  return _dualproj(gram, task_weights, jnp.asarray(reg_eps, gram.dtype))
+  return _dualproj(*_dual_cone_args(gram, task_weights, reg_eps))
 
 
 # ---------------------------------------------------------------------------

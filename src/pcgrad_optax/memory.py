@@ -56,7 +56,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pcgrad_optax import _core
-from pcgrad_optax._grad import losses_and_vjp
+from pcgrad_optax._grad import check_task_losses, losses_and_vjp
 from pcgrad_optax._grad import vary_like
 
 PyTree = Any
@@ -82,17 +82,6 @@ def _map_tasks(fn: Callable[[jax.Array], Any], basis: jax.Array,
   if tasks_per_chunk is None or tasks_per_chunk >= basis.shape[0]:
     return jax.vmap(fn)(basis)
   return lax.map(fn, basis, batch_size=tasks_per_chunk)
-
-
-def _check_losses(losses, caller: str) -> None:
-  if jnp.ndim(losses) != 1:
-    raise ValueError(
-        f"{caller}: loss_fn must return a (T,) vector of task losses, got "
-        f"shape {jnp.shape(losses)}.")
-  if not jnp.issubdtype(jnp.result_type(losses), jnp.inexact):
-    raise ValueError(
-        f"{caller}: the task losses must be floating point, got "
-        f"{jnp.result_type(losses)}.")
 
 
 def task_value_and_grad(loss_fn: Callable[..., Any], *,
@@ -260,7 +249,7 @@ def streaming_aggregate(loss_fn: Callable[..., Any],
       losses, jvp_fn, aux = jax.linearize(partial_fn, params, has_aux=True)
     else:
       losses, jvp_fn = jax.linearize(partial_fn, params)
-    _check_losses(losses, "memory.streaming_aggregate")
+    check_task_losses(losses, "memory.streaming_aggregate")
     vjp_fn = jax.linear_transpose(jvp_fn, params)
     t = losses.shape[0]
     treedef = jax.tree.structure(params)
