@@ -258,9 +258,9 @@ def _cpu_gram(flat: jax.Array) -> jax.Array:
   tile P up to fewer than ``16 * steps`` columns, which one plain contraction
   adds. Same f32+ accumulation at full precision as the plain contraction,
   summed in a different order; the loop keeps compile time flat in T.
-  Measured against one ``dot_general`` on 3M f32 params (2-core EPYC):
-  ~8x faster at T=2, ~7x at T=8, ~4x at T=32, ~1.8x at T=128; about torch's
-  ``x @ x.T`` (BLAS) from T=8 up, ~1.5x slower at T=2.
+  Measured against one ``dot_general`` (``benchmarks/results/cpu_paths.md``,
+  2-core EPYC): 3-4x faster for T <= 32 on 3M f32 params, 1.5x at T=128;
+  within 0.75-1.25x of torch's BLAS ``x @ x.T`` from T=8 up, slower at T=2.
   """
   t, p = flat.shape
   acc = accumulation_dtype(flat.dtype)
@@ -287,8 +287,8 @@ def leaf_weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
   """``sum_t weights[t] * x[t]`` accumulated in f32+, returned in x's dtype."""
   acc = accumulation_dtype(x.dtype)
   if x.shape[0] <= _CPU_MAX_ROW_LOOP_TASKS and _cpu_fast_path(x):
-    # XLA:CPU's dot_general is up to 2x slower here than adding w_t x_t row
-    # by row (10M f32 params: 35 vs 17 ms at T=2, 41 vs 35 ms at T=8).
+    # XLA:CPU's dot_general is slower here than adding w_t x_t row by row
+    # (10M f32 params: 23 vs 15 ms at T=2, even at T=8; cpu_paths.md).
     w = weights.astype(acc)
     return sum_over_tasks(x, lambda row, t: w[t] * row.astype(acc)).astype(
         x.dtype)
@@ -306,8 +306,8 @@ def sum_over_tasks(x: jax.Array, row_fn: Callable[[jax.Array, jax.Array],
 
   ``row_fn`` maps one task's slice and its index to a pytree of arrays, all
   summed over t. XLA:CPU reduces over a leading axis very slowly (a
-  ``jnp.sum(x, axis=0)`` of a (8, 1M) f32 array: ~50x the time of adding
-  its rows one by one), so on CPU this is a ``fori_loop`` adding one row's
+  ``jnp.sum(x, axis=0)`` of a (8, 1M) f32 array: ~27x the time of adding
+  its rows one by one, ``benchmarks/results/cpu_paths.md``), so on CPU this is a ``fori_loop`` adding one row's
   terms per step (compile time flat in T, no ``(T, ...)`` temporaries);
   elsewhere the vectorised ``vmap`` + ``sum``, which GPU/TPU fuse.
   """
