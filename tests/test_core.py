@@ -365,3 +365,15 @@ def test_plain_dict_mask_for_nnx_state():
               {"trunk": {"kernel": True}, "head": False}):
     with pytest.raises(ValueError, match=has_all("mask", "structure")):
       po.gram_matrix(grads, shared=bad)
+
+
+def test_random_orders_are_uniform_permutations():
+  # 2000 draws of T = 4: every row a permutation of range(4), and each task
+  # in each position with frequency 1/4 (binomial sd ~0.0097; 5 sd bound).
+  keys = jax.random.split(jax.random.key(0), 500)
+  orders = np.asarray(jax.vmap(
+      lambda k: po.weighting.random_orders(k, 4))(keys)).reshape(-1, 4)
+  np.testing.assert_array_equal(np.sort(orders, axis=1),
+                                np.tile(np.arange(4), (len(orders), 1)))
+  freq = np.stack([(orders == v).mean(0) for v in range(4)])
+  np.testing.assert_allclose(freq, 0.25, atol=0.05)

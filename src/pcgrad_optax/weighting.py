@@ -13,11 +13,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pcgrad_optax._grad import vary_like
+from pcgrad_optax._grad import vary_like as _vary_like
 
 
 def check_gram(gram: jax.Array) -> jax.Array:
-  """Validates a Gram matrix and returns it in f32 (or wider)."""
+  """Validates a Gram matrix and returns it in f32 (or wider).
+
+  Every weighting starts with this: ``ValueError`` unless ``gram`` is square
+  ``(T, T)``; integer and half-precision inputs become float32.
+
+  Example:
+    >>> import pcgrad_optax
+    >>> pcgrad_optax.weighting.check_gram([[4, 2], [2, 1]]).dtype
+    dtype('float32')
+  """
   gram = jnp.asarray(gram)
   if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
     raise ValueError(
@@ -32,9 +41,26 @@ def random_orders(key: jax.Array, num_tasks: int) -> jax.Array:
 
   Row ``i`` is the order in which task ``i``'s gradient is projected in
   PCGrad's Algorithm 1 (drawn afresh for every task, as the paper requires).
+  ``pcgrad()`` draws its orders at step ``n`` with
+  ``random_orders(jax.random.fold_in(key, n), T)``.
+
+  Args:
+    key: a PRNG key.
+    num_tasks: ``T``.
 
   Returns:
     ``(num_tasks, num_tasks)`` int32 array, each row a permutation.
+
+  Example:
+    >>> import jax, numpy as np
+    >>> import pcgrad_optax
+    >>> orders = pcgrad_optax.weighting.random_orders(jax.random.key(0), 3)
+    >>> np.sort(np.asarray(orders), axis=1).tolist()
+    [[0, 1, 2], [0, 1, 2], [0, 1, 2]]
+
+  References:
+    Yu et al., `Gradient Surgery for Multi-Task Learning
+    <https://arxiv.org/abs/2001.06782>`_, NeurIPS 2020, Algorithm 1.
   """
   keys = jax.random.split(key, num_tasks)
   return jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(keys)
@@ -108,7 +134,7 @@ def pcgrad(gram: jax.Array, *, key: jax.Array | None = None,
 
   # vary_like: inside shard_map the loop carry must vary like the Gram does.
   coefs = lax.fori_loop(0, t, project_step,
-                        vary_like(jnp.eye(t, dtype=gram.dtype), gram))
+                        _vary_like(jnp.eye(t, dtype=gram.dtype), gram))
   return coefs.sum(axis=0)
 
 
