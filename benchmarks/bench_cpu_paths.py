@@ -5,7 +5,8 @@ Run from the repository root::
     python benchmarks/bench_cpu_paths.py --label HEAD
     # the same script against another checkout of the package:
     git worktree add /tmp/old <rev>
-    PYTHONPATH=/tmp/old/src python benchmarks/bench_cpu_paths.py --label <rev>
+    PYTHONPATH=/tmp/old python benchmarks/bench_cpu_paths.py --label <rev>
+    # (a checkout from before the package left src/: PYTHONPATH=/tmp/old/src)
     # with glibc allowed to reuse large buffers instead of mapping fresh ones:
     GLIBC_TUNABLES=glibc.malloc.mmap_threshold=62914560:glibc.malloc.trim_threshold=268435456 \
         python benchmarks/bench_cpu_paths.py --label "HEAD, glibc tunables"

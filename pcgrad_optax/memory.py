@@ -55,9 +55,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pcgrad_optax import _core
-from pcgrad_optax._grad import check_task_losses, losses_and_vjp
-from pcgrad_optax._grad import vary_like
+from pcgrad_optax._core.masks import SharedMask, shared_leaves
+from pcgrad_optax._core.mesh import vary_like
+from pcgrad_optax._core.stacked import accumulation_dtype, check_reduction
+from pcgrad_optax._task_value_and_grad import check_task_losses
+from pcgrad_optax._task_value_and_grad import losses_and_vjp
 
 PyTree = Any
 
@@ -161,7 +163,7 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
 def streaming_aggregate(loss_fn: Callable[..., Any],
                         weighting: Callable[[jax.Array], jax.Array], *,
                         tasks_per_chunk: int | None = None,
-                        shared: _core.SharedMask = None,
+                        shared: SharedMask = None,
                         reduction: str = "sum",
                         argnums: int = 0,
                         has_aux: bool = False) -> Callable[..., Any]:
@@ -227,7 +229,7 @@ def streaming_aggregate(loss_fn: Callable[..., Any],
     2022.
   """
   _check_chunk(tasks_per_chunk)
-  _core.check_reduction(reduction)
+  check_reduction(reduction)
   if not isinstance(argnums, int):
     raise ValueError(
         f"streaming_aggregate differentiates one argument (the params); got "
@@ -256,7 +258,7 @@ def streaming_aggregate(loss_fn: Callable[..., Any],
     shape_view = jax.tree.map(
         lambda p: jax.ShapeDtypeStruct((t,) + jnp.shape(p), jnp.result_type(p)),
         params)
-    mask = _core.shared_leaves(shared, shape_view, params)
+    mask = shared_leaves(shared, shape_view, params)
 
     def gram_column(cotangent):
       (grad,) = vjp_fn(cotangent)
@@ -269,7 +271,7 @@ def streaming_aggregate(loss_fn: Callable[..., Any],
     basis = vary_like(jnp.eye(t, dtype=losses.dtype), losses)
     # Row t holds J g_t^shared = K[:, t]; K is symmetric up to rounding.
     gram = _map_tasks(gram_column, basis, tasks_per_chunk)
-    acc = _core.accumulation_dtype(gram.dtype)
+    acc = accumulation_dtype(gram.dtype)
     gram = gram.astype(acc)
     gram = 0.5 * (gram + gram.T)
 

@@ -8,17 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-
-def vary_like(x: jax.Array, ref: jax.Array) -> jax.Array:
-  """Marks x as varying over the shard_map axes that ref varies over.
-
-  Inside ``jax.shard_map`` the cotangents fed to a VJP must vary over the
-  same manual mesh axes as the outputs they pull back (e.g. per-device
-  losses of a data-parallel axis); a no-op elsewhere.
-  """
-  axis_type = getattr(jax.typeof(ref), "manual_axis_type", None)
-  varying = tuple(sorted(axis_type.varying)) if axis_type is not None else ()
-  return jax.lax.pcast(x, varying, to="varying") if varying else x
+from pcgrad_optax._core.mesh import vary_like
 
 
 def losses_and_vjp(loss_fn: Callable[..., Any],

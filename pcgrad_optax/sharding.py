@@ -82,8 +82,12 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
-from pcgrad_optax import _core
-from pcgrad_optax import _grad
+from pcgrad_optax import _task_value_and_grad
+from pcgrad_optax._core.gram import leaf_gram
+from pcgrad_optax._core.masks import SharedMask, shared_leaves
+from pcgrad_optax._core.stacked import (accumulation_dtype, check_reduction,
+                                        leaf_name, num_tasks)
+from pcgrad_optax._core.weighted_sum import leaf_weighted_sum
 
 PyTree = Any
 AxisName = str | Sequence[str]
@@ -166,7 +170,7 @@ def _varying_axes(x) -> frozenset[str]:
 
 
 def gram_matrix(stacked: PyTree, axis_name: AxisName, *,
-                shared: _core.SharedMask = None) -> jax.Array:
+                shared: SharedMask = None) -> jax.Array:
   r"""Gram matrix of stacked gradients sharded inside ``jax.shard_map``.
 
   Each device holds a shard :math:`g_i^{(\ell, d)}` of every stacked leaf.
@@ -228,11 +232,11 @@ def gram_matrix(stacked: PyTree, axis_name: AxisName, *,
         "(check_vma=True, the default) to tell sharded leaves from "
         "replicated ones. With check_vma=False and every leaf sharded over "
         f"{axes}, use lax.psum(pcgrad_optax.gram_matrix(local), {axes!r}).")
-  t = _core.num_tasks(stacked)
-  mask = _core.shared_leaves(shared, stacked)
+  t = num_tasks(stacked)
+  mask = shared_leaves(shared, stacked)
   leaves_with_path = jax.tree_util.tree_flatten_with_path(stacked)[0]
   acc = jnp.result_type(
-      *[_core.accumulation_dtype(x.dtype) for _, x in leaves_with_path])
+      *[accumulation_dtype(x.dtype) for _, x in leaves_with_path])
   local = jnp.zeros((t, t), acc)
   for (path, x), m in zip(leaves_with_path, mask):
     if not m:
@@ -241,7 +245,7 @@ def gram_matrix(stacked: PyTree, axis_name: AxisName, *,
     stray = sorted(varying - set(axes))
     if stray:
       raise ValueError(
-          f"sharding.gram_matrix: leaf '{_core.leaf_name(path)}' (local shape "
+          f"sharding.gram_matrix: leaf '{leaf_name(path)}' (local shape "
           f"{tuple(x.shape)}) differs between devices along manual axis "
           f"{stray}, which is not in axis_name={axes}. If those are "
           "per-device gradients of a data-parallel axis, average them first "
@@ -250,7 +254,7 @@ def gram_matrix(stacked: PyTree, axis_name: AxisName, *,
           "different algorithm. If the leaf is sharded over that axis, add "
           "it to axis_name.")
     replicas = math.prod(lax.axis_size(a) for a in axes if a not in varying)
-    local_gram = _core.leaf_gram(x).astype(acc)
+    local_gram = leaf_gram(x).astype(acc)
     if replicas > 1:
       local_gram = local_gram / replicas
     local = local + local_gram
@@ -262,7 +266,7 @@ def aggregate(stacked: PyTree,
               axis_name: AxisName,
               *,
               params: PyTree | None = None,
-              shared: _core.SharedMask = None,
+              shared: SharedMask = None,
               reduction: str = "sum") -> tuple[PyTree, jax.Array, jax.Array]:
   r"""Gram-based aggregation of sharded stacked gradients in ``shard_map``.
 
@@ -307,9 +311,9 @@ def aggregate(stacked: PyTree,
     >>> jnp.round(update["w"], 4)
     Array([0.5848, 3.8012, 3.8012], dtype=float32)
   """
-  _core.check_reduction(reduction)
-  t = _core.num_tasks(stacked, params)
-  mask = _core.shared_leaves(shared, stacked, params)
+  check_reduction(reduction)
+  t = num_tasks(stacked, params)
+  mask = shared_leaves(shared, stacked, params)
   gram = gram_matrix(stacked, axis_name, shared=shared)
   weights = jnp.asarray(weighting(gram))
   if weights.shape != (t,):
@@ -319,7 +323,7 @@ def aggregate(stacked: PyTree,
   shared_w = weights.astype(gram.dtype) * scale
   plain_w = jnp.full((t,), scale, gram.dtype)
   leaves, treedef = jax.tree.flatten(stacked)
-  out = [_core.leaf_weighted_sum(x, shared_w if m else plain_w)
+  out = [leaf_weighted_sum(x, shared_w if m else plain_w)
          for x, m in zip(leaves, mask)]
   return jax.tree.unflatten(treedef, out), gram, weights
 
@@ -408,8 +412,8 @@ def task_value_and_grad(loss_fn: Callable[..., Any], axis_name: AxisName, *,
            [0.5, 1. ]], dtype=float32)
   """
   axes = _axis_tuple(axis_name)
-  local_fn = _grad.task_value_and_grad(loss_fn, argnums=argnums,
-                                       has_aux=has_aux)
+  local_fn = _task_value_and_grad.task_value_and_grad(
+      loss_fn, argnums=argnums, has_aux=has_aux)
 
   def wrapped(*args, **kwargs):
     _check_manual_axes(axes, "sharding.task_value_and_grad")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pcgrad_optax.weighting import check_gram
+from pcgrad_optax._core.gram import check_gram
 
 __all__ = [
     "conflict_fraction",

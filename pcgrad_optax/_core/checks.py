@@ -1,0 +1,73 @@
+"""Argument checks shared by the weightings and the transformations.
+
+Concrete values are validated when a factory or weighting is called, with a
+``ValueError`` that says what was expected; traced values pass through.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def as_float(x) -> float | jax.Array:
+  """A Python float if ``x`` is concrete (validated by callers), else x."""
+  try:
+    return float(x)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return x
+
+
+def check_task_vector(x, t: int, name: str, dtype) -> jax.Array:
+  x = jnp.asarray(x)
+  if x.shape != (t,):
+    raise ValueError(f"`{name}` must have shape (T,) = ({t},), got {x.shape}.")
+  return x.astype(dtype)
+
+
+def as_vector(x, num_tasks: int | None, name: str,
+              dtype=jnp.float32) -> jax.Array:
+  """A float vector of task quantities, validated at trace time."""
+  x = jnp.asarray(x)
+  if x.ndim != 1 or (num_tasks is not None and x.shape[0] != num_tasks):
+    expected = "(T,)" if num_tasks is None else f"(T,) = ({num_tasks},)"
+    raise ValueError(f"`{name}` must have shape {expected}, got {x.shape}.")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(dtype)
+  return x.astype(jnp.promote_types(x.dtype, dtype))
+
+
+def check_choice(value, choices, what: str) -> None:
+  if value not in choices:
+    raise ValueError(f"Unknown {what} {value!r}; expected one of {choices}.")
+
+
+def check_nonnegative(value, what: str) -> None:
+  if not (isinstance(value, (int, float)) and value >= 0
+          and value != float("inf")):
+    raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
+
+
+def check_num_tasks(num_tasks) -> None:
+  if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or \
+      num_tasks < 1:
+    raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}.")
+
+
+def check_losses(losses, t: int, method: str, arg: str = "losses"
+                 ) -> jax.Array:
+  """The task losses as a float32 (or wider) ``(T,)`` array; raises early."""
+  if losses is None:
+    raise ValueError(
+        f"{method} needs the per-task losses: call "
+        f"tx.update(grads, state, params, losses=losses) with losses of shape "
+        f"(T,) = ({t},).")
+  losses = jnp.asarray(losses)
+  if losses.shape != (t,):
+    raise ValueError(
+        f"{method}: `{arg}` must have shape (T,) = ({t},) to match the "
+        f"stacked gradients, got {losses.shape}.")
+  if not jnp.issubdtype(losses.dtype, jnp.floating):
+    losses = losses.astype(jnp.float32)
+  losses = losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
+  return jax.lax.stop_gradient(losses)

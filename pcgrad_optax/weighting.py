@@ -1,0 +1,56 @@
+"""Weightings: pure functions from a task Gram matrix to task weights.
+
+A weighting maps the ``(T, T)`` Gram matrix ``K = G G^T`` of the task
+gradients to ``(T,)`` weights ``w``; the aggregated update is
+``pcgrad_optax.weighted_sum(stacked, w) = w^T G``. Weightings never touch the
+gradients themselves, so they cost ``O(T^3)`` at most, whatever the model
+size, and can be tested, composed and logged on their own. The weightings of
+the stateful and loss-level methods take what they need besides (EMA
+targets, a PRNG key, loss histories, log-variances, logits).
+
+This module is the public namespace of every weighting; each is defined next
+to its transformation, in ``pcgrad_optax/aggregation/_<method>.py`` or
+``pcgrad_optax/scalarization/_<method>.py``.
+"""
+
+from pcgrad_optax._core.gram import check_gram
+from pcgrad_optax.aggregation._aligned_mtl import (
+    aligned_mtl_weighting as aligned_mtl)
+from pcgrad_optax.aggregation._cagrad import cagrad_weighting as cagrad
+from pcgrad_optax.aggregation._config import config_weighting as config
+from pcgrad_optax.aggregation._dualproj import dualproj_weighting as dualproj
+from pcgrad_optax.aggregation._gradvac import gradvac_weighting as gradvac
+from pcgrad_optax.aggregation._imtl_g import imtl_g_weighting as imtl_g
+from pcgrad_optax.aggregation._mean import mean_weighting as mean
+from pcgrad_optax.aggregation._mgda import mgda_weighting as mgda
+from pcgrad_optax.aggregation._nash_mtl import nash_mtl_weighting as nash_mtl
+from pcgrad_optax.aggregation._pcgrad import pcgrad_weighting as pcgrad
+from pcgrad_optax.aggregation._pcgrad import random_orders
+from pcgrad_optax.aggregation._sum import sum_weighting as sum  # noqa: A004
+from pcgrad_optax.aggregation._upgrad import upgrad_weighting as upgrad
+from pcgrad_optax.scalarization._dwa import dwa_weighting as dwa
+from pcgrad_optax.scalarization._famo import famo_weighting as famo
+from pcgrad_optax.scalarization._rlw import rlw_weighting as rlw
+from pcgrad_optax.scalarization._uncertainty import (
+    uncertainty_weighting as uncertainty)
+
+__all__ = [
+    "aligned_mtl",
+    "cagrad",
+    "check_gram",
+    "config",
+    "dualproj",
+    "dwa",
+    "famo",
+    "gradvac",
+    "imtl_g",
+    "mean",
+    "mgda",
+    "nash_mtl",
+    "pcgrad",
+    "random_orders",
+    "rlw",
+    "sum",
+    "uncertainty",
+    "upgrad",
+]
