@@ -3,7 +3,16 @@
 The reference below is Algorithm 1 of Yu et al. (2020) written directly on the
 flattened task gradients, one projection at a time, in float64 NumPy. It never
 touches a Gram matrix or the library, and takes the per-task orders
-explicitly, so the library can be checked order for order.
+explicitly, so the library can be checked order for order; the transform's
+own orders are replayed from their documented derivation (row i of step n
+from ``weighting.random_orders(fold_in(key, n), T)``).
+
+The cases are adversarial for Algorithm 1 (all conflicting, nearly and
+exactly opposite, zero tasks, wide scales, duplicated, rank deficient); the
+params-like tree (leaves of several shapes) and its converters are in
+tests/stacked_trees.py. Also here: properties by hypothesis, the per-task
+per-step randomness, shared-mask semantics, tracing and compile cost, and a
+small two-task model trained with PCGrad.
 """
 
 from __future__ import annotations
@@ -22,6 +31,10 @@ import optax
 import pytest
 
 import pcgrad_optax as po
+from hypothesis_settings import finite
+from stacked_trees import NUM_PARAMS, PARAMS, SHAPES
+from stacked_trees import flat as flat_update
+from stacked_trees import flat_tasks, to_tree
 
 HYP = hypothesis.settings(deadline=None, max_examples=30, derandomize=True,
                           database=None,
@@ -51,40 +64,8 @@ def reference_pcgrad(grads: np.ndarray, orders, reduction: str = "sum"):
 
 
 # ---------------------------------------------------------------------------
-# Test data: a params-like tree with leaves of several shapes.
-
-SHAPES = {"trunk": {"kernel": (3, 4), "bias": (4,)}, "head": (4, 2)}
-PARAMS = jax.tree.map(lambda s: jnp.zeros(s, jnp.float32), SHAPES,
-                      is_leaf=lambda s: isinstance(s, tuple))
-LEAF_SIZES = [int(np.prod(p.shape)) for p in jax.tree.leaves(PARAMS)]
-NUM_PARAMS = sum(LEAF_SIZES)
-
-
-def to_tree(mat: np.ndarray, dtype=jnp.float32):
-  """(T, P) array -> stacked gradient tree shaped like PARAMS."""
-  t = mat.shape[0]
-  leaves, treedef = jax.tree.flatten(PARAMS)
-  out, start = [], 0
-  for leaf, size in zip(leaves, LEAF_SIZES):
-    # Cast in NumPy: a device-side cast would compile one op per shape.
-    out.append(jnp.asarray(np.asarray(
-        mat[:, start:start + size].reshape((t,) + leaf.shape), dtype)))
-    start += size
-  return jax.tree.unflatten(treedef, out)
-
-
-def flat_tasks(tree) -> np.ndarray:
-  """Stacked tree -> (T, P) float64 (leaf order of PARAMS)."""
-  leaves = jax.tree.leaves(tree)
-  t = leaves[0].shape[0]
-  return np.concatenate(
-      [np.asarray(x, np.float64).reshape(t, -1) for x in leaves], axis=1)
-
-
-def flat_update(tree) -> np.ndarray:
-  return np.concatenate(
-      [np.asarray(x, np.float64).reshape(-1) for x in jax.tree.leaves(tree)])
-
+# Test data: the params-like tree of tests/stacked_trees.py (leaves of several
+# shapes), tolerances and adversarial cases.
 
 # float32 library vs float64 reference, relative to T * sum_i ||g_i||: the
 # observed worst case over the adversarial cases is ~4e-8.
@@ -297,9 +278,6 @@ def test_transform_matches_reference_with_its_orders(t):
 
 # ---------------------------------------------------------------------------
 # 2. Properties.
-
-finite = dict(allow_nan=False, allow_infinity=False, width=32)
-
 
 def task_arrays(t, p, lo=-10.0, hi=10.0):
   # Nonzero entries have magnitude >= 1e-6. A task gradient whose squared

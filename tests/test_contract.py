@@ -1,4 +1,13 @@
-"""The transform contract for GradVac, GradDrop, RLW, uncertainty, DWA, FAMO."""
+"""The transform contract of tests/contract.py for every method, in one list.
+
+One ``Spec`` per method, each named as its method (the test ids are
+``test_contract[<check>-<name>]``): PCGrad, the Gram-based aggregators, and
+the stateful and loss-based methods (GradVac, GradDrop, RLW, uncertainty,
+DWA, FAMO). The methods that allocate per-task state at init take
+``num_tasks`` up front; ``per_task_count`` wraps them so one Spec serves
+every task count the checks use, and ``task_losses`` gives the loss-based
+ones their ``losses=``.
+"""
 
 import jax
 import numpy as np
@@ -46,11 +55,30 @@ def task_losses(t):
   return {"losses": np.linspace(0.5, 2.0, t).astype(np.float32)}
 
 
-# Every method is the identity for one task at its first step: GradVac and
-# GradDrop have no pair to correct and P is 0 or 1; RLW's softmax of one draw
-# is 1; uncertainty's weight is exp(-0) = 1, DWA's first weights are 1 and
-# FAMO's weights sum to 1. So identity_at_t1 stays True everywhere.
 SPECS = [
+    # PCGrad.
+    Spec("pcgrad", lambda **kw: pcgrad_optax.pcgrad(**kw)),
+    # The Gram-based aggregators.
+    Spec("mean", lambda **kw: pcgrad_optax.mean(**kw)),
+    Spec("sum", lambda **kw: pcgrad_optax.sum(**kw)),
+    Spec("mgda", lambda **kw: pcgrad_optax.mgda(**kw)),
+    # One task: CAGrad's update is g0 + c|g0| g/|g| = (1 + c) g.
+    Spec("cagrad", lambda **kw: pcgrad_optax.cagrad(**kw),
+         identity_at_t1=False),
+    Spec("imtl_g", lambda **kw: pcgrad_optax.imtl_g(**kw)),
+    Spec("upgrad", lambda **kw: pcgrad_optax.upgrad(**kw)),
+    Spec("dualproj", lambda **kw: pcgrad_optax.dualproj(**kw)),
+    Spec("aligned_mtl", lambda **kw: pcgrad_optax.aligned_mtl(**kw)),
+    Spec("config", lambda **kw: pcgrad_optax.config(**kw)),
+    # One task: the paper's Nash-MTL update is the unit gradient g/|g| (the
+    # update does not depend on gradient norms), not g.
+    Spec("nash_mtl", lambda **kw: pcgrad_optax.nash_mtl(**kw),
+         identity_at_t1=False),
+    # The stateful and loss-based methods. Every one is the identity for one
+    # task at its first step: GradVac and GradDrop have no pair to correct and
+    # P is 0 or 1; RLW's softmax of one draw is 1; uncertainty's weight is
+    # exp(-0) = 1, DWA's first weights are 1 and FAMO's weights sum to 1. So
+    # identity_at_t1 stays True for all of them.
     Spec("gradvac", per_task_count(
         lambda **kw: pcgrad_optax.gradvac(beta=0.5, **kw))),
     Spec("graddrop", lambda **kw: pcgrad_optax.graddrop(**kw)),

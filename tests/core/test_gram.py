@@ -1,0 +1,59 @@
+"""gram_matrix against float64 NumPy, its dtypes, and check_gram.
+
+``pcgrad_optax._core.gram``: the Gram matrix of stacked gradients (accumulated
+in float32 for half-precision leaves) and the check that a weighting's input
+is a square ``(T, T)`` matrix.
+
+Every bad input must be a ValueError raised while tracing (checked with
+``jax.eval_shape`` or ``jax.jit``, where nothing runs) that names the
+offending leaf or argument and its shape.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pcgrad_optax as po
+from trace_errors import has_all, traced
+from trunk_head_grads import flat64, stacked
+
+
+@pytest.mark.parametrize("t", (1, 2, 5))
+def test_gram_matrix_matches_numpy(t):
+  grads = stacked(t, seed=t, scale=3.0)
+  g = flat64(grads)
+  gram = jax.jit(po.gram_matrix)(grads)
+  assert gram.shape == (t, t) and gram.dtype == jnp.float32
+  np.testing.assert_allclose(gram, g @ g.T, rtol=1e-5,
+                             atol=1e-6 * np.max(np.sum(g * g, axis=1)))
+  np.testing.assert_array_equal(gram, np.asarray(gram).T)
+
+
+@pytest.mark.parametrize("dtype", (jnp.bfloat16, jnp.float16))
+def test_half_precision_gram_in_float32(dtype):
+  # Large leaves with a nonzero mean make half-precision accumulation visibly
+  # wrong (relative error ~1e-2); f32 accumulation of the exact half products
+  # agrees with float64 to ~1e-6.
+  rng = np.random.default_rng(0)
+  leaf = rng.standard_normal((3, 4096)) + 1.0
+  grads = {"a": jnp.asarray(leaf.astype(dtype)),
+           "b": jnp.asarray(leaf[:, :7].astype(dtype))}
+  g = flat64(grads)                   # the values actually stored
+  gram = jax.jit(po.gram_matrix)(grads)
+  assert gram.dtype == jnp.float32
+  # f32 summation of 4096 terms: ~1e-6 relative (half-precision
+  # accumulation would be off by ~1e-2).
+  np.testing.assert_allclose(gram, g @ g.T, rtol=2e-5)
+  # Mixed trees accumulate in the widest accumulation type.
+  mixed = {"a": grads["a"], "b": jnp.asarray(leaf[:, :7].astype(np.float32))}
+  assert po.gram_matrix(mixed).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (3,), (2, 2, 2)])
+def test_gram_not_square(shape):
+  with pytest.raises(ValueError, match=has_all("square", str(shape))):
+    traced(lambda k: po.weighting.pcgrad(k, key=jax.random.key(0)),
+           jnp.zeros(shape))
