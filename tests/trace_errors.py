@@ -2,7 +2,7 @@
 
 ``traced`` traces a function abstractly (nothing runs), ``has_all`` builds a
 regex that matches a message containing every given part, and
-``pcgrad_update`` makes one pcgrad update on ``trunk_head_grads.PARAMS``: the
+``pcgrad_update`` makes one pcgrad update on ``stacked_trees.PARAMS``: the
 transformation through which the core's checks are exercised.
 """
 
@@ -13,7 +13,7 @@ import re
 import jax
 
 import pcgrad_optax as po
-from trunk_head_grads import PARAMS
+from stacked_trees import PARAMS
 
 
 def traced(fn, *args):

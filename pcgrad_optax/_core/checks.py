@@ -48,6 +48,15 @@ def check_nonnegative(value, what: str) -> None:
     raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
 
 
+def per_task(value, num_tasks: int, name: str) -> jax.Array:
+  """A scalar or ``(T,)`` hyperparameter as a float32 ``(T,)`` array."""
+  x = jnp.asarray(value, jnp.float32)
+  if x.ndim > 1 or (x.ndim == 1 and x.shape != (num_tasks,)):
+    raise ValueError(f"`{name}` must be a scalar or shape (T,) = "
+                     f"({num_tasks},), got {x.shape}.")
+  return jnp.broadcast_to(x, (num_tasks,))
+
+
 def check_num_tasks(num_tasks) -> None:
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or \
       num_tasks < 1:

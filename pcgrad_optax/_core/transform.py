@@ -74,6 +74,8 @@ def documented(factory):
   ``__doc__`` exists before decoration and its example runs as a doctest.
   """
   doc = factory.__doc__
+  if doc is None:   # python -OO strips docstrings
+    return factory
   for marker, text in (("@FIRST_IN_CHAIN@", FIRST_IN_CHAIN.strip("\n")),
                        ("@SHARED_ARGS@", SHARED_ARGS.strip("\n")),
                        ("@WEIGHTS_SHARED_LEAVES@",

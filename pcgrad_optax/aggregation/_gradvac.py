@@ -22,7 +22,7 @@ from pcgrad_optax._core.gram import check_gram, leaf_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import canonicalize_key, documented
-from pcgrad_optax.aggregation._pcgrad import random_orders
+from pcgrad_optax.aggregation._pcgrad import random_orders, task_orders
 
 GRADVAC_EMA_SOURCES = ("modified", "original")
 GRADVAC_GRANULARITIES = ("all", "module", "leaf")
@@ -121,15 +121,7 @@ def gradvac_weighting(gram: jax.Array, targets: jax.Array, *,
   if ema_of not in GRADVAC_EMA_SOURCES:
     raise ValueError(
         f"Unknown ema_of {ema_of!r}; expected one of {GRADVAC_EMA_SOURCES}.")
-  if order is None:
-    if key is None:
-      raise ValueError("weighting.gradvac needs a PRNG `key` or an `order`.")
-    order = random_orders(key, t)
-  order = jnp.asarray(order)
-  if order.shape != (t, t) or not jnp.issubdtype(order.dtype, jnp.integer):
-    raise ValueError(
-        f"`order` must be an integer array of shape (T, T) = ({t}, {t}), got "
-        f"{order.dtype} {order.shape}.")
+  order = task_orders(key, order, t, "weighting.gradvac")
 
   dtype = gram.dtype
   eps = jnp.finfo(dtype).eps

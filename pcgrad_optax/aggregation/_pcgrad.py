@@ -51,6 +51,25 @@ def random_orders(key: jax.Array, num_tasks: int) -> jax.Array:
   return jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(keys)
 
 
+def task_orders(key: jax.Array | None, order: jax.Array | None, t: int,
+                caller: str) -> jax.Array:
+  """The checked ``(T, T)`` per-task orders: ``order``, or drawn from ``key``.
+
+  Shared by PCGrad and GradVac, whose Algorithm 1 visits the other tasks in a
+  random order drawn afresh for every task.
+  """
+  if order is None:
+    if key is None:
+      raise ValueError(f"{caller} needs a PRNG `key` or an `order`.")
+    order = random_orders(key, t)
+  order = jnp.asarray(order)
+  if order.shape != (t, t) or not jnp.issubdtype(order.dtype, jnp.integer):
+    raise ValueError(
+        f"`order` must be an integer array of shape (T, T) = ({t}, {t}), got "
+        f"{order.dtype} {order.shape}.")
+  return order
+
+
 def pcgrad_weighting(gram: jax.Array, *, key: jax.Array | None = None,
                      order: jax.Array | None = None) -> jax.Array:
   r"""PCGrad (projecting conflicting gradients) as a weighting.
@@ -97,15 +116,7 @@ def pcgrad_weighting(gram: jax.Array, *, key: jax.Array | None = None,
   """
   gram = check_gram(gram)
   t = gram.shape[0]
-  if order is None:
-    if key is None:
-      raise ValueError("weighting.pcgrad needs a PRNG `key` or an `order`.")
-    order = random_orders(key, t)
-  order = jnp.asarray(order)
-  if order.shape != (t, t) or not jnp.issubdtype(order.dtype, jnp.integer):
-    raise ValueError(
-        f"`order` must be an integer array of shape (T, T) = ({t}, {t}), got "
-        f"{order.dtype} {order.shape}.")
+  order = task_orders(key, order, t, "weighting.pcgrad")
   sq_norms = jnp.diagonal(gram)
   rows = jnp.arange(t)
 

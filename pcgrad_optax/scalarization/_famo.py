@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.aggregate import combine, resolve
-from pcgrad_optax._core.checks import as_vector, check_losses, check_num_tasks
+from pcgrad_optax._core.checks import (as_vector, check_losses,
+                                       check_num_tasks, per_task)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import cast_like, documented
@@ -178,11 +179,7 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
   """
   check_reduction(reduction)
   check_num_tasks(num_tasks)
-  min_l = jnp.asarray(min_losses, jnp.float32)
-  if min_l.ndim > 1 or (min_l.ndim == 1 and min_l.shape != (num_tasks,)):
-    raise ValueError(f"`min_losses` must be a scalar or shape (T,) = "
-                     f"({num_tasks},), got {min_l.shape}.")
-  min_l = jnp.broadcast_to(min_l, (num_tasks,))
+  min_l = per_task(min_losses, num_tasks, "min_losses")
   opt = optimizer if optimizer is not None else optax.sgd(learning_rate)
 
   def log_shifted(losses):

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.aggregate import combine, resolve
-from pcgrad_optax._core.checks import as_vector, check_losses, check_num_tasks
+from pcgrad_optax._core.checks import (as_vector, check_losses,
+                                       check_num_tasks, per_task)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import cast_like, documented
@@ -178,11 +179,7 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
   check_reduction(reduction)
   check_num_tasks(num_tasks)
   weight_factor, reg_factor = _uncertainty_factors(task_types, num_tasks)
-  init_s = jnp.asarray(init_log_vars, jnp.float32)
-  if init_s.ndim > 1 or (init_s.ndim == 1 and init_s.shape != (num_tasks,)):
-    raise ValueError(f"`init_log_vars` must be a scalar or shape (T,) = "
-                     f"({num_tasks},), got {init_s.shape}.")
-  init_s = jnp.broadcast_to(init_s, (num_tasks,))
+  init_s = per_task(init_log_vars, num_tasks, "init_log_vars")
   opt = optimizer if optimizer is not None else optax.sgd(learning_rate)
 
   def init_fn(params):

@@ -11,8 +11,10 @@ The cases are adversarial for Algorithm 1 (all conflicting, nearly and
 exactly opposite, zero tasks, wide scales, duplicated, rank deficient); the
 params-like tree (leaves of several shapes) and its converters are in
 tests/stacked_trees.py. Also here: properties by hypothesis, the per-task
-per-step randomness, shared-mask semantics, tracing and compile cost, and a
-small two-task model trained with PCGrad.
+per-step randomness, shared-mask semantics, tracing and compile cost, a
+small two-task model trained with PCGrad, and the weighting's bad inputs
+(``order``, a missing key: ValueErrors raised while tracing that name the
+argument and its shape) and the uniformity of ``weighting.random_orders``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from hypothesis_settings import finite
 from stacked_trees import NUM_PARAMS, PARAMS, SHAPES
 from stacked_trees import flat as flat_update
 from stacked_trees import flat_tasks, to_tree
+from trace_errors import has_all, traced
 
 HYP = hypothesis.settings(deadline=None, max_examples=30, derandomize=True,
                           database=None,
@@ -714,3 +717,36 @@ def test_trains_shared_trunk_two_heads():
   assert np.all(np.isfinite(history))
   assert end[0] < 0.05 * start[0], (start, end)
   assert end[1] < 0.05 * start[1], (start, end)
+
+
+# ---------------------------------------------------------------------------
+# The weighting's inputs and its random orders.
+
+
+@pytest.mark.parametrize("order", [np.zeros((3, 2), np.int32),
+                                   np.zeros((3,), np.int32),
+                                   np.zeros((2, 3), np.int32),
+                                   np.zeros((3, 3), np.float32)],
+                         ids=["3x2", "3", "2x3", "float"])
+def test_order_wrong_shape(order):
+  gram = jnp.eye(3)
+  with pytest.raises(ValueError, match=has_all("order", "(3, 3)",
+                                               str(order.shape))):
+    traced(lambda k: po.weighting.pcgrad(k, order=jnp.asarray(order)), gram)
+
+
+def test_weighting_needs_key_or_order():
+  with pytest.raises(ValueError, match="key"):
+    po.weighting.pcgrad(jnp.eye(2))
+
+
+def test_random_orders_are_uniform_permutations():
+  # 2000 draws of T = 4: every row a permutation of range(4), and each task
+  # in each position with frequency 1/4 (binomial sd ~0.0097; 5 sd bound).
+  keys = jax.random.split(jax.random.key(0), 500)
+  orders = np.asarray(jax.vmap(
+      lambda k: po.weighting.random_orders(k, 4))(keys)).reshape(-1, 4)
+  np.testing.assert_array_equal(np.sort(orders, axis=1),
+                                np.tile(np.arange(4), (len(orders), 1)))
+  freq = np.stack([(orders == v).mean(0) for v in range(4)])
+  np.testing.assert_allclose(freq, 0.25, atol=0.05)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import pcgrad_optax as po
+from stacked_trees import flat64, stacked
 from trace_errors import has_all, traced
-from trunk_head_grads import flat64, stacked
 
 
 @pytest.mark.parametrize("t", (1, 2, 5))

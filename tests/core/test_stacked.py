@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import pcgrad_optax as po
+from stacked_trees import PARAMS, flat64, stacked
 from trace_errors import has_all, pcgrad_update, traced
-from trunk_head_grads import PARAMS, flat64, stacked
 
 
 def test_float64_under_x64():

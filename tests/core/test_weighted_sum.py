@@ -2,7 +2,9 @@
 
 ``pcgrad_optax._core.weighted_sum``: ``sum_t w[t] * g[t]`` per leaf,
 accumulated in float32 and returned in the leaf's dtype (also as a
-transformation's output), and the ValueError on weights of the wrong shape.
+transformation's output), the ValueError on weights of the wrong shape, and
+``sum_over_tasks`` (on CPU the row loop that replaces a reduction over the
+task axis).
 
 Every bad input must be a ValueError raised while tracing (checked with
 ``jax.eval_shape`` or ``jax.jit``, where nothing runs) that names the
@@ -17,8 +19,9 @@ import numpy as np
 import pytest
 
 import pcgrad_optax as po
+from pcgrad_optax._core.weighted_sum import sum_over_tasks
+from stacked_trees import PARAMS, stacked
 from trace_errors import has_all, traced
-from trunk_head_grads import PARAMS, stacked
 
 
 @pytest.mark.parametrize("dtype", (jnp.bfloat16, jnp.float16))
@@ -74,3 +77,14 @@ def test_weights_wrong_shape(shape):
   with pytest.raises(ValueError,
                      match=has_all("weights", "(3,)", str(shape))):
     traced(lambda g: po.weighted_sum(g, jnp.ones(shape)), grads)
+
+
+@pytest.mark.parametrize("t", (1, 2, 5))
+def test_sum_over_tasks(t):
+  x = np.random.default_rng(t).standard_normal((t, 3, 4)).astype(np.float32)
+  total, weighted = jax.jit(lambda x: sum_over_tasks(
+      x, lambda row, i: (row, (i + 1) * jnp.abs(row))))(jnp.asarray(x))
+  np.testing.assert_allclose(total, x.sum(0), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      weighted, np.tensordot(np.arange(1, t + 1), np.abs(x), axes=1),
+      rtol=1e-6, atol=1e-6)

@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import pcgrad_optax  # noqa: E402
 from pcgrad_optax import memory  # noqa: E402
 from pcgrad_optax import sharding as pgs  # noqa: E402
+from pcgrad_optax._core.aggregate import aggregate  # noqa: E402
 
 T = 4
 RTOL, ATOL = 2e-5, 2e-6
@@ -122,7 +123,7 @@ MAIN = ("pcgrad", "mgda", "cagrad")
 
 def family_names() -> list[str]:
   names = []
-  for mod_name in ("_aggregators", "_stateful"):
+  for mod_name in ("aggregation", "scalarization"):
     mod = getattr(pcgrad_optax, mod_name, None)
     names += [n for n in getattr(mod, "__all__", []) if n[:1].islower()]
   return sorted(set(names) - set(MAIN))
@@ -469,7 +470,7 @@ def test_shard_map_data_and_model_parallel_step():
   # w2 (row-parallel, split over "model") is a task head here: plain sum.
   shared = {"w1": True, "b1": True, "w2": False}
   update_ref, _, _ = jax.jit(functools.partial(
-      pcgrad_optax._core.aggregate, weighting=weighting, shared=shared))(
+      aggregate, weighting=weighting, shared=shared))(
           stacked)
 
   specs = MLP_SPECS["tp"]
