@@ -1,7 +1,7 @@
 """Argument checks shared by the weightings and the transformations.
 
-Concrete values are validated when a factory or weighting is called, with a
-``ValueError`` that says what was expected; traced values pass through.
+Each raises a ``ValueError`` that names the argument and says what was
+expected, when a factory or weighting is called (or traced).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ def as_float(x) -> float | jax.Array:
 
 
 def check_task_vector(x, t: int, name: str, dtype) -> jax.Array:
+  """``x`` as a ``(T,)`` array of ``dtype``; ValueError on another shape."""
   x = jnp.asarray(x)
   if x.shape != (t,):
     raise ValueError(f"`{name}` must have shape (T,) = ({t},), got {x.shape}.")
@@ -38,11 +39,13 @@ def as_vector(x, num_tasks: int | None, name: str,
 
 
 def check_choice(value, choices, what: str) -> None:
+  """ValueError unless ``value`` is one of ``choices``."""
   if value not in choices:
     raise ValueError(f"Unknown {what} {value!r}; expected one of {choices}.")
 
 
 def check_nonnegative(value, what: str) -> None:
+  """ValueError unless ``value`` is a finite Python number ``>= 0``."""
   if not (isinstance(value, (int, float)) and value >= 0
           and value != float("inf")):
     raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
@@ -58,6 +61,7 @@ def per_task(value, num_tasks: int, name: str) -> jax.Array:
 
 
 def check_num_tasks(num_tasks) -> None:
+  """ValueError unless ``num_tasks`` is a positive Python int."""
   if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or \
       num_tasks < 1:
     raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}.")

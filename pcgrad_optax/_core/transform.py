@@ -31,6 +31,7 @@ def canonicalize_key(key_or_seed: jax.Array | int) -> jax.Array:
 
 
 def cast_like(new, old):
+  """``new`` with each leaf cast to the dtype of ``old``'s (stable state)."""
   return jax.tree.map(lambda n, o: jnp.asarray(n).astype(jnp.asarray(o).dtype),
                       new, old)
 

@@ -43,8 +43,9 @@ def sum_over_tasks(x: jax.Array, row_fn: Callable[[jax.Array, jax.Array],
   ``row_fn`` maps one task's slice and its index to a pytree of arrays, all
   summed over t. XLA:CPU reduces over a leading axis very slowly (a
   ``jnp.sum(x, axis=0)`` of a (8, 1M) f32 array: ~27x the time of adding
-  its rows one by one, ``benchmarks/results/cpu_paths.md``), so on CPU this is a ``fori_loop`` adding one row's
-  terms per step (compile time flat in T, no ``(T, ...)`` temporaries);
+  its rows one by one, ``benchmarks/results/cpu_paths.md``), so on CPU this
+  is a ``fori_loop`` adding one row's terms per step (compile time flat in
+  T, no ``(T, ...)`` temporaries);
   elsewhere the vectorised ``vmap`` + ``sum``, which GPU/TPU fuse.
   """
   t = x.shape[0]
