@@ -85,8 +85,8 @@ from jax.sharding import PartitionSpec
 from pcgrad_optax import _task_value_and_grad
 from pcgrad_optax._core.gram import leaf_gram
 from pcgrad_optax._core.masks import SharedMask, shared_leaves
-from pcgrad_optax._core.stacked import (accumulation_dtype, check_reduction,
-                                        leaf_name, num_tasks)
+from pcgrad_optax._core.stacked import (check_reduction, leaf_name,
+                                        leaves_accumulation_dtype, num_tasks)
 from pcgrad_optax._core.weighted_sum import leaf_weighted_sum
 
 PyTree = Any
@@ -235,8 +235,7 @@ def gram_matrix(stacked: PyTree, axis_name: AxisName, *,
   t = num_tasks(stacked)
   mask = shared_leaves(shared, stacked)
   leaves_with_path = jax.tree_util.tree_flatten_with_path(stacked)[0]
-  acc = jnp.result_type(
-      *[accumulation_dtype(x.dtype) for _, x in leaves_with_path])
+  acc = leaves_accumulation_dtype([x for _, x in leaves_with_path])
   local = jnp.zeros((t, t), acc)
   for (path, x), m in zip(leaves_with_path, mask):
     if not m:

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from pcgrad_optax._core.gram import masked_gram
 from pcgrad_optax._core.masks import SharedMask, shared_leaves
-from pcgrad_optax._core.stacked import (PyTree, accumulation_dtype,
-                                        check_reduction, leaf_name, num_tasks)
+from pcgrad_optax._core.stacked import (PyTree, check_reduction, leaf_name,
+                                        leaves_accumulation_dtype, num_tasks)
 from pcgrad_optax._core.weighted_sum import leaf_weighted_sum
 
 
@@ -38,11 +38,6 @@ def resolve(updates: PyTree, params: PyTree | None, shared: SharedMask,
   mask = shared_leaves(shared, updates, params)
   leaves, treedef = jax.tree.flatten(updates)
   return leaves, treedef, mask, t
-
-
-def leaves_accumulation_dtype(leaves):
-  """The f32-or-wider dtype that holds every leaf's accumulation."""
-  return jnp.result_type(*[accumulation_dtype(x.dtype) for x in leaves])
 
 
 def combine_leaves(leaves, mask, weights, reduction: str) -> list:

@@ -19,7 +19,8 @@ from jax.sharding import PartitionSpec
 from pcgrad_optax._core import cpu
 from pcgrad_optax._core.masks import SharedMask, shared_leaves
 from pcgrad_optax._core.mesh import explicit_spec
-from pcgrad_optax._core.stacked import PyTree, accumulation_dtype, num_tasks
+from pcgrad_optax._core.stacked import (PyTree, accumulation_dtype,
+                                        leaves_accumulation_dtype, num_tasks)
 
 
 def check_gram(gram: jax.Array) -> jax.Array:
@@ -73,7 +74,7 @@ def dot_gram(x: jax.Array) -> jax.Array:
 def masked_gram(leaves: list[jax.Array], mask: list[bool],
                 t: int) -> jax.Array:
   """Sum of the per-leaf Gram matrices of the leaves whose mask is True."""
-  acc = jnp.result_type(*[accumulation_dtype(x.dtype) for x in leaves])
+  acc = leaves_accumulation_dtype(leaves)
   gram = jnp.zeros((t, t), acc)
   for x, m in zip(leaves, mask):
     if m:

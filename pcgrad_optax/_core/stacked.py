@@ -32,6 +32,11 @@ def accumulation_dtype(dtype) -> np.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def leaves_accumulation_dtype(leaves) -> np.dtype:
+  """The f32-or-wider dtype that holds every leaf's accumulation."""
+  return jnp.result_type(*[accumulation_dtype(x.dtype) for x in leaves])
+
+
 def check_reduction(reduction: str) -> None:
   if reduction not in REDUCTIONS:
     raise ValueError(

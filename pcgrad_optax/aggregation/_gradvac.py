@@ -15,12 +15,12 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from pcgrad_optax._core.aggregate import (combine_leaves,
-                                          leaves_accumulation_dtype, resolve)
+from pcgrad_optax._core.aggregate import combine_leaves, resolve
 from pcgrad_optax._core.checks import check_num_tasks
 from pcgrad_optax._core.gram import check_gram, leaf_gram
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.stacked import check_reduction
+from pcgrad_optax._core.stacked import (check_reduction,
+                                        leaves_accumulation_dtype)
 from pcgrad_optax._core.transform import canonicalize_key, documented
 from pcgrad_optax.aggregation._pcgrad import random_orders, task_orders
 
