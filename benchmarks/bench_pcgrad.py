@@ -410,8 +410,8 @@ def main(argv=None):
       "`pcgrad()` transformation itself.",
       "",
       "On a single-device CPU, `pcgrad_optax` computes the Gram matrix of a "
-      "large leaf with `_core.cpu.tiled_gram` (a loop over the flattened leaf "
-      "whose every step contracts 16 independent cache-sized `(T, chunk)` "
+      "large leaf with `_core.gram._tiled_gram` (a loop over the flattened "
+      "leaf whose every step contracts 16 independent cache-sized `(T, chunk)` "
       "slices, which XLA:CPU runs concurrently), because XLA:CPU's single "
       "`dot_general` over the whole `(T, P)` leaf is 1.5-4x slower; GPU and "
       "TPU use that "

@@ -1,8 +1,9 @@
 """gram_matrix against float64 NumPy, its dtypes, and check_gram.
 
 ``pcgrad_optax._core.gram``: the Gram matrix of stacked gradients (accumulated
-in float32 for half-precision leaves) and the check that a weighting's input
-is a square ``(T, T)`` matrix.
+in float32 for half-precision leaves), the tiled XLA:CPU path of large leaves
+(slice products in a loop, the remainder added at the end), and the check
+that a weighting's input is a square ``(T, T)`` matrix.
 
 Every bad input must be a ValueError raised while tracing (checked with
 ``jax.eval_shape`` or ``jax.jit``, where nothing runs) that names the
@@ -57,3 +58,15 @@ def test_gram_not_square(shape):
   with pytest.raises(ValueError, match=has_all("square", str(shape))):
     traced(lambda k: po.weighting.pcgrad(k, key=jax.random.key(0)),
            jnp.zeros(shape))
+
+
+@pytest.mark.parametrize("t,shape", [(1, (50_000,)), (2, (300, 170)),
+                                     (40, (16 * 1024 * 3 + 777,))])
+def test_large_leaf_gram_matches_numpy(t, shape):
+  # Leaves this big take the CPU path (_core.gram._tiled_gram: concurrent slice
+  # products in a loop, the remainder added at the end).
+  x = np.random.default_rng(t).standard_normal((t,) + shape).astype(np.float32)
+  g = x.reshape(t, -1).astype(np.float64)
+  gram = jax.jit(po.gram_matrix)({"w": jnp.asarray(x)})
+  np.testing.assert_allclose(gram, g @ g.T, rtol=1e-5,
+                             atol=1e-5 * np.max(np.sum(g * g, axis=1)))
