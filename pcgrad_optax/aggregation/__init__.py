@@ -72,6 +72,8 @@ from pcgrad_optax.aggregation._pcgrad import PCGradState
 from pcgrad_optax.aggregation._pcgrad import pcgrad
 from pcgrad_optax.aggregation._sum import sum  # noqa: A004 (the method's name)
 from pcgrad_optax.aggregation._upgrad import upgrad
+# The state of the stateless Gram-based methods built with num_tasks.
+from pcgrad_optax._core.transform import GramState  # noqa: I001
 
 __all__ = [
     "GradDropState",
@@ -90,4 +92,6 @@ __all__ = [
     "pcgrad",
     "sum",
     "upgrad",
+    # Issue 12: the last step's task weights (and Gram matrix) in the state.
+    "GramState",
 ]
