@@ -284,3 +284,49 @@ def test_diagnostics_read_the_state():
   with pytest.raises(ValueError, match="num_tasks"):
     pcgrad_optax.diagnostics.task_weights(
         pcgrad_optax.mgda().init(params))
+
+
+def test_multi_steps_and_track_conflicts_inject_hyperparams():
+  params = params_like()
+  grads = stacked_grads(3)
+  tx = optax.inject_hyperparams(pcgrad_optax.multi_steps)(
+      pcgrad_optax.cagrad(c=0.3), every_k=2, num_tasks=3)
+  plain = pcgrad_optax.multi_steps(pcgrad_optax.cagrad(c=0.3), 2,
+                                   num_tasks=3)
+  state, plain_state = tx.init(params), plain.init(params)
+  step = jax.jit(lambda g, s: tx.update(g, s, params))
+  for _ in range(2):
+    out, state = step(grads, state)
+    ref, plain_state = plain.update(grads, plain_state, params)
+  _close(out, ref, rtol=1e-4, atol=1e-6)
+
+  tx = optax.inject_hyperparams(pcgrad_optax.recon.track_conflicts)(
+      threshold=-0.1)
+  state = tx.init(params)
+  _, state = jax.jit(lambda g, s: tx.update(g, s, params))(grads, state)
+  plain = pcgrad_optax.recon.track_conflicts(-0.1)
+  _, ref = plain.update(grads, plain.init(params), params)
+  for a, b in zip(jax.tree.leaves(state.inner_state),
+                  jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_multi_steps_state_stable_through_cond():
+  for dtype in (jnp.bfloat16, jnp.float32):
+    params = jax.tree.map(lambda p: p.astype(dtype), params_like())
+    tx = pcgrad_optax.multi_steps(
+        optax.chain(pcgrad_optax.mgda(num_tasks=3), optax.adam(1e-2)), 2,
+        num_tasks=3)
+    state = tx.init(params)
+    layout = [(x.shape, x.dtype) for x in jax.tree.leaves(state)]
+
+    @jax.jit
+    def step(g, s, tx=tx, params=params):
+      pred = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
+      return jax.lax.cond(pred, lambda: tx.update(g, s, params),
+                          lambda: (params, s))
+
+    for seed in range(3):
+      out, state = step(stacked_grads(3, seed, dtype), state)
+      assert [(x.shape, x.dtype) for x in jax.tree.leaves(state)] == layout
+      assert all(o.dtype == dtype for o in jax.tree.leaves(out))

@@ -66,8 +66,9 @@ def check_scalar(value, what: str, ok, expected: str) -> None:
   v = concrete(value)
   if v is None:
     return
-  if (v.ndim != 0 or v.dtype == bool or not np.issubdtype(v.dtype, np.number)
-      or np.iscomplexobj(v) or not ok(float(v))):
+  # jnp.issubdtype: NumPy does not count bfloat16 as a number.
+  if (v.ndim != 0 or v.dtype == bool or not jnp.issubdtype(v.dtype, jnp.number)
+      or jnp.issubdtype(v.dtype, jnp.complexfloating) or not ok(float(v))):
     shown = value if isinstance(value, (int, float)) else v.tolist()
     raise ValueError(f"{what} must be {expected}, got {shown!r}.")
 
@@ -99,8 +100,8 @@ def static_int(value, what: str, minimum: int = 1) -> int | None:
   v = concrete(value)
   if v is None:
     return None
-  if (v.ndim != 0 or v.dtype == bool or not np.issubdtype(v.dtype, np.integer)
-      or int(v) < minimum):
+  if (v.ndim != 0 or v.dtype == bool
+      or not jnp.issubdtype(v.dtype, jnp.integer) or int(v) < minimum):
     shown = value if isinstance(value, (int, float)) else v.tolist()
     kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
     raise ValueError(f"{what} must be {kind}, got {shown!r}.")
