@@ -87,6 +87,21 @@ SPECS = [
          extra_args=task_losses),
     Spec("dwa", per_task_count(pcgrad_optax.dwa), extra_args=task_losses),
     Spec("famo", per_task_count(pcgrad_optax.famo), extra_args=task_losses),
+    # Issue 13, loss level. One task: IMTL-L's weight is exp(0) = 1, the
+    # geometric mean's G / L = 1, COSMOS's r - lambda * 0 = 1 and PBI's unit
+    # ray 1; STCH's is 1 / L (the gradient of log L in the warm-up, and
+    # T softmax / L after it), not 1. STCH with one warm-up step runs both
+    # phases in the multi-step checks.
+    Spec("imtl_l", per_task_count(pcgrad_optax.imtl_l),
+         extra_args=task_losses),
+    Spec("stch", per_task_count(
+        lambda **kw: pcgrad_optax.stch(warmup_steps=1, **kw)),
+         extra_args=task_losses, identity_at_t1=False),
+    Spec("geometric_mean", lambda **kw: pcgrad_optax.geometric_mean(**kw),
+         extra_args=task_losses),
+    Spec("cosmos", lambda **kw: pcgrad_optax.cosmos(lambda_=1.0, **kw),
+         extra_args=task_losses),
+    Spec("pbi", lambda **kw: pcgrad_optax.pbi(**kw), extra_args=task_losses),
 ]
 
 

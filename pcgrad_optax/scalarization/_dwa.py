@@ -12,11 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pcgrad_optax._core.aggregate import combine, resolve
-from pcgrad_optax._core.checks import as_vector, check_losses, check_num_tasks
+from pcgrad_optax._core.checks import as_vector, check_num_tasks
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import cast_like, documented
+from pcgrad_optax._core.transform import documented
+from pcgrad_optax.scalarization._scalarized import (LossScalarization,
+                                                    loss_transformation,
+                                                    scalarized)
 
 
 def dwa_weighting(prev_losses: jax.Array, prev_prev_losses: jax.Array, *,
@@ -137,24 +139,27 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
     <https://arxiv.org/abs/1803.10704>`_, CVPR 2019.
   """
   check_reduction(reduction)
+  init, step = _dwa_method(num_tasks, temperature, period)
+  return loss_transformation(init, step, method="dwa", num_tasks=num_tasks,
+                             reduction=reduction, shared=shared)
+
+
+def _dwa_method(num_tasks, temperature, period):
+  """``(init, step)`` of DWA (see ``_scalarized.py``)."""
   check_num_tasks(num_tasks)
   if not temperature > 0:
     raise ValueError(f"`temperature` must be positive, got {temperature!r}.")
   if not isinstance(period, int) or isinstance(period, bool) or period < 1:
     raise ValueError(f"`period` must be a positive int, got {period!r}.")
 
-  def init_fn(params):
-    del params
+  def init():
     return DWAState(count=jnp.zeros([], jnp.int32),
                     loss_sum=jnp.zeros((num_tasks,), jnp.float32),
                     history=jnp.ones((2, num_tasks), jnp.float32),
                     periods=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-    del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
-                                       "dwa")
-    losses = check_losses(losses, t, "dwa")
+  def step(losses, state, t, extra):
+    del extra
     weights = jnp.where(
         state.periods >= 2,
         dwa_weighting(state.history[0], state.history[1],
@@ -170,7 +175,45 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
         loss_sum=jnp.where(period_done, jnp.zeros_like(loss_sum), loss_sum),
         history=history,
         periods=jnp.minimum(state.periods + period_done.astype(jnp.int32), 2))
-    return combine(leaves, treedef, mask, weights, reduction), \
-        cast_like(new_state, state)
+    return weights, None, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return init, step
+
+
+def dwa_loss(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
+             reduction: str = "sum") -> LossScalarization:
+  r"""DWA as one scalar loss: :math:`\sum_t \lambda_t L_t`, one backward pass.
+
+  The weights never look at gradients, so ``loss(losses, state)`` returns
+  :math:`\sum_t \lambda_t L_t` with :func:`dwa`'s weights (held constant)
+  and the next state, the same as :func:`dwa`'s (with ``shared=None``) step
+  for step. There is no ``shared`` mask: the loss weights the whole model,
+  as the paper's loss does.
+
+  Args:
+    num_tasks: T.
+    temperature: :math:`\tau > 0`.
+    period: number of steps whose losses are averaged.
+    reduction: ``"sum"`` (the paper) or ``"mean"`` (divides by T).
+
+  Returns:
+    A :class:`pcgrad_optax.scalarization.LossScalarization` with a
+    :class:`DWAState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import pcgrad_optax
+    >>> scal = pcgrad_optax.scalarization.dwa_loss(num_tasks=2)
+    >>> state = scal.init()
+    >>> for losses in ([1.0, 1.0], [1.0, 0.5], [0.9, 0.4]):
+    ...   w, state = scal.weights(jnp.array(losses), state)
+    >>> print(jnp.round(w, 4))  # third step: ratios 1 and 0.5
+    [1.1244 0.8756]
+
+  References:
+    Liu, Johns, Davison, `End-to-End Multi-Task Learning with Attention
+    <https://arxiv.org/abs/1803.10704>`_, CVPR 2019.
+  """
+  init, step = _dwa_method(num_tasks, temperature, period)
+  return scalarized(init, step, method="dwa_loss", num_tasks=num_tasks,
+                    reduction=reduction)
