@@ -114,6 +114,10 @@ def preference_vector(preference, t: int, default: float,
   """
   if preference is None:
     return jnp.full((t,), default, jnp.float32)
+  shape = jnp.shape(preference)
+  if shape != (t,):
+    raise ValueError(f"`{name}` must have the shape of `losses`, (T,) = "
+                     f"({t},), got {shape}.")
   p = as_vector(preference, t, name)
   if is_concrete(p):
     values = np.asarray(p, np.float64)
