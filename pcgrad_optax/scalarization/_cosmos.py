@@ -123,6 +123,8 @@ def cosmos(preference: jax.Array | None = None, *, lambda_: float,
   the network on it, so the user draws it (outside the model) and passes
   the same ray to the model and to ``update``. The losses (extra argument
   ``losses``) are needed; there is no state.
+  The one-backward-pass form is
+  :func:`pcgrad_optax.scalarization.cosmos_loss`.
 
   @WEIGHTS_SHARED_LEAVES@
 

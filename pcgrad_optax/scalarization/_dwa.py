@@ -105,6 +105,9 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
   :math:`L(n-1)/L(n-2)`, steps 0 and 1 have weights 1. The losses are
   assumed positive (a non-positive :math:`\bar L(k-2)` gives ratio 1).
 
+  The one-backward-pass form (no per-task gradients) is
+  :func:`pcgrad_optax.scalarization.dwa_loss`.
+
   @WEIGHTS_SHARED_LEAVES@
 
   @FIRST_IN_CHAIN@

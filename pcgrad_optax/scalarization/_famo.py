@@ -135,6 +135,9 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
   it. The code also clips the model's gradient norm (max 1), which is an
   ``optax.clip_by_global_norm(1.0)`` after this transformation.
 
+  The one-backward-pass form (no per-task gradients) is
+  :func:`pcgrad_optax.scalarization.famo_loss`.
+
   @WEIGHTS_SHARED_LEAVES@
 
   @FIRST_IN_CHAIN@

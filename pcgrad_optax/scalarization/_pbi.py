@@ -124,6 +124,8 @@ def pbi(preference: jax.Array | None = None, *, theta: float = 5.0,
   uniform) or the extra argument ``preference=`` of ``update``, which takes
   precedence (e.g. a ray drawn for every batch). The losses (extra argument
   ``losses``) are needed; there is no state.
+  The one-backward-pass form is
+  :func:`pcgrad_optax.scalarization.pbi_loss`.
 
   @WEIGHTS_SHARED_LEAVES@
 

@@ -102,6 +102,9 @@ def rlw(key: jax.Array | int = 0, *, distribution: str = "normal",
   the ``"sum"`` reduction is a random *average* of the task gradients (the
   ``"mean"`` reduction divides it by T once more).
 
+  The one-backward-pass form (no per-task gradients) is
+  :func:`pcgrad_optax.scalarization.rlw_loss`.
+
   @WEIGHTS_SHARED_LEAVES@
 
   @FIRST_IN_CHAIN@

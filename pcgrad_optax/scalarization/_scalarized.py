@@ -143,14 +143,14 @@ def _loss_vector(losses, num_tasks: int | None, method: str) -> jax.Array:
 
 def _keep_finite(new_state, old_state, losses):
   """``new_state`` unless a loss or a new float leaf is non-finite."""
-  def floating(x):
+  def numeric(x):
     return jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) or \
         jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer)
 
   # Same dtypes as before (a stable state under jit and lax.scan); keys and
   # other leaves are left as they are.
   new_state = jax.tree.map(
-      lambda n, o: cast_like(n, o) if floating(o) else n, new_state,
+      lambda n, o: cast_like(n, o) if numeric(o) else n, new_state,
       old_state)
   floats = [x for x in jax.tree.leaves(new_state)
             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]

@@ -219,8 +219,10 @@ def stch(*, num_tasks: int, warmup_steps: int, mu: float = 1.0,
   :math:`\lambda = 1/T`; torchjd's is ``warmup_steps=0``.
 
   The losses (extra argument ``losses``) are needed; with ``log_losses``
-  they must be :math:`\ge 0` (a ValueError for concrete ones). A step with
-  a non-finite loss leaves the nadir estimate unchanged.
+  they must be :math:`\ge 0` (a ValueError for concrete ones; a loss of
+  exactly 0 gets the weight :math:`1/\epsilon`, as in the authors' code). A
+  step with a non-finite loss leaves the nadir estimate unchanged. The
+  one-backward-pass form is :func:`pcgrad_optax.scalarization.stch_loss`.
 
   @WEIGHTS_SHARED_LEAVES@
 

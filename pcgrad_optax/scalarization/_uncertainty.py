@@ -136,6 +136,9 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
 
   The losses are the extra argument ``losses`` of ``update``.
 
+  The one-backward-pass form (no per-task gradients) is
+  :func:`pcgrad_optax.scalarization.uncertainty_loss`.
+
   @WEIGHTS_SHARED_LEAVES@
 
   @FIRST_IN_CHAIN@

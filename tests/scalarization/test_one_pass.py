@@ -264,3 +264,32 @@ def test_loss_scalarization_is_chainable_with_optax():
     u, opt_state = opt.update(g, opt_state, params)
     params = optax.apply_updates(params, u)
   assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_one_pass_jits_once_and_scans(name):
+  # The state keeps its structure and dtypes: one trace for many steps, and
+  # lax.scan over training steps works.
+  _, make_loss, kwargs, _ = METHODS[name]
+  scal = make_loss(**kwargs)
+  traces = []
+
+  @jax.jit
+  def step(params, state, x):
+    traces.append(1)
+    (_, state), g = jax.value_and_grad(
+        lambda p, s: scal.loss(task_losses(p, x), s), has_aux=True)(
+            params, state)
+    return jax.tree.map(lambda p, u: p - 0.05 * u, params, g), state
+
+  params, state = init_params(), scal.init()
+  for x in BATCHES[:3]:
+    params, state = step(params, state, x)
+  assert len(traces) == 1
+
+  def body(carry, x):
+    return step(*carry, x), None
+
+  (params, _), _ = jax.lax.scan(body, (init_params(), scal.init()),
+                                jnp.stack(BATCHES[:3]))
+  assert all(np.all(np.isfinite(p)) for p in jax.tree.leaves(params))
