@@ -48,6 +48,26 @@ class LossScalarization(NamedTuple):
   the same state, and each call steps it exactly as the transformation's
   ``update`` does.
 
+  Where it differs from the stacked path, and why:
+
+  * No ``shared`` mask: one backward pass has one cotangent, so the task
+    heads get :math:`w_t g_t` too (as weighting the loss does in the
+    papers); the stacked path's ``shared=None`` is the same update. Heads
+    with their own unweighted gradients need the stacked path (or a model
+    that rescales its heads' cotangents itself).
+  * Learned weighting parameters (uncertainty's log-variances, IMTL-L's
+    scales) have derivatives that need only the losses
+    (:math:`b_t - a_t e^{-s_t}L_t`, :math:`e^{s_t}L_t - 1`), so both paths
+    keep them in the state and step them with their own optimiser: no
+    gradient of the model is needed for them, and the state sequence is the
+    transformation's. The scalar's gradient with respect to the state is
+    zero by construction.
+  * FAMO's logit update and DWA's and STCH's histories use losses only:
+    identical on both paths (FAMO's exact mode needs the extra forward pass
+    ``prev_batch_losses`` on both).
+  * The scalar's value is the method's objective but its gradient is built
+    from the weights held constant: only first derivatives are meaningful.
+
   Attributes:
     init: ``init(params=None) -> state``.
     loss: ``loss(losses, state, **extra) -> (scalar, new_state)``. The

@@ -1,4 +1,4 @@
-"""The one-backward-pass path of every loss-level method against its stacked path.
+"""Every loss-level method: its one-backward-pass path vs its stacked path.
 
 For each method, ``<method>_loss(...)`` (a ``LossScalarization``) and the
 transformation ``<method>(...)`` are built with the same hyperparameters and
