@@ -79,6 +79,22 @@ class LossScalarization(NamedTuple):
     weights: ``weights(losses, state, **extra) -> (w, new_state)``: the
       ``(T,)`` weights to pull back through one VJP of the loss vector,
       ``vjp_fn(w)`` (e.g. from ``jax.vjp``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import pcgrad_optax
+    >>> scal = pcgrad_optax.scalarization.geometric_mean_loss()
+    >>> def task_losses(w):
+    ...   return jnp.stack([w[0] ** 2, 4 * w[1] ** 2])
+    >>> w = jnp.array([1.0, 1.0])
+    >>> # One backward pass of the scalar loss ...
+    >>> g, _ = jax.grad(lambda w, s: scal.loss(task_losses(w), s),
+    ...                 has_aux=True)(w, scal.init())
+    >>> # ... or one VJP of the loss vector with the weights.
+    >>> losses, vjp_fn = jax.vjp(task_losses, w)
+    >>> weights, _ = scal.weights(losses, scal.init())
+    >>> print(g, vjp_fn(weights)[0])  # G = 2: weights (1, 0.25)
+    [2. 2.] [2. 2.]
   """
   init: Callable[..., Any]
   loss: Callable[..., tuple[jax.Array, Any]]
