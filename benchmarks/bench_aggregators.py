@@ -65,6 +65,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import pcgrad_optax
 
@@ -133,7 +134,8 @@ def load_libmtl():
       sys.modules[name] = package
   return {name: getattr(importlib.import_module(f"LibMTL.weighting.{name}"),
                         name)
-          for name in ("PCGrad", "MGDA", "IMTL", "GradVac", "CAGrad")}
+          for name in ("PCGrad", "MGDA", "IMTL", "GradVac", "CAGrad",
+                       "GLS", "UW")}
 
 
 def libmtl_aggregator(cls, matrix, **kwargs):
@@ -318,6 +320,132 @@ def cross_check(libmtl, num_tasks: int = 5, seed: int = 1) -> dict:
   return out
 
 
+# Loss-level methods (issue 13), on the (T,) loss vector: name -> (our
+# LossScalarization, torchjd scalarizer factory, how torchjd steps its state:
+# "sgd" (its parameters trained by torch SGD on its loss, as its docs say),
+# "famo" (FAMO.update with the next step's losses), "dwa" (DWA.step() after
+# every call: one step per epoch), None (stateless), LibMTL class or None).
+# Hyper-parameters matched; the preference rays fixed.
+LOSS_LEVEL_LR = 0.1
+RAY = (0.2, 0.5, 0.3)
+
+
+def loss_level_methods(num_tasks: int) -> dict:
+  from torchjd import scalarization as js  # pylint: disable=g-import-not-at-top
+  torch = torch_setup()
+  px = pcgrad_optax.scalarization
+  t, lr = num_tasks, LOSS_LEVEL_LR
+  ray = (np.asarray(RAY[:t]) / np.sum(RAY[:t])).astype(np.float32)
+  tray = torch.tensor(ray)
+  ideal = np.linspace(0.1, 0.3, t).astype(np.float32)
+  return {
+      "imtl_l": (px.imtl_l_loss(num_tasks=t, learning_rate=lr),
+                 lambda: js.IMTLL(t), "sgd", None),
+      "stch": (px.stch_loss(num_tasks=t, warmup_steps=0, mu=0.5,
+                            log_losses=False, preference=ray,
+                            reference=ideal),
+               lambda: js.STCH(0.5, tray, torch.tensor(ideal)), None, None),
+      "geometric_mean": (px.geometric_mean_loss(), js.GeometricMean, None,
+                         "GLS"),
+      "cosmos": (px.cosmos_loss(ray, lambda_=2.0),
+                 lambda: js.COSMOS(2.0, tray), None, None),
+      "pbi": (px.pbi_loss(ray, theta=5.0, reference=ideal),
+              lambda: js.PBI(5.0, tray, torch.tensor(ideal)), None, None),
+      # torchjd's UW is the paper's regression form; LibMTL's the same with
+      # s starting at -0.5.
+      "uncertainty": (px.uncertainty_loss(num_tasks=t, learning_rate=lr,
+                                          task_types="regression"),
+                      lambda: js.UW(t), "sgd", None),
+      "uncertainty (s0 = -0.5)": (
+          px.uncertainty_loss(num_tasks=t, learning_rate=lr,
+                              task_types="regression", init_log_vars=-0.5),
+          None, None, "UW"),
+      "dwa": (px.dwa_loss(num_tasks=t), js.DWA, "dwa", None),
+      # The authors' code (and torchjd): Adam on the logits, weight decay
+      # 1e-3 as torchjd's default.
+      "famo": (px.famo_loss(num_tasks=t, weight_decay=1e-3,
+                            optimizer=optax.adam(0.025)),
+               lambda: js.FAMO(t), "famo", None),
+  }
+
+
+def _libmtl_loss_weighting(cls, num_tasks):
+  """LibMTL's loss-level ``cls().backward`` on a loss vector: its weights."""
+  torch = torch_setup()
+  weighting = cls()
+  weighting.task_num, weighting.device, weighting.rep_grad = (
+      num_tasks, "cpu", False)
+  weighting.init_param()
+  params = list(weighting.parameters())      # AbsWeighting is an nn.Module
+  opt = torch.optim.SGD(params, lr=LOSS_LEVEL_LR) if params else None
+
+  def step(losses):
+    values = torch.tensor(losses, dtype=torch.float32, requires_grad=True)
+    if opt is not None:
+      opt.zero_grad()
+    weighting.backward(values)
+    if opt is not None:
+      opt.step()
+    return values.grad.numpy().copy()
+
+  return step
+
+
+def cross_check_loss_level(libmtl, num_tasks: int = 3, steps: int = 6,
+                           seed: int = 2) -> dict:
+  """Max |ours - peer| / max |peer| of the loss-level weights, per step.
+
+  The gradient of each scalarised loss with respect to the loss vector (the
+  task weights), stepped side by side over ``steps`` steps of a falling
+  loss sequence so that the stateful methods' states evolve (IMTL-L's and
+  UW's learned parameters, FAMO's logits, DWA's history).
+  """
+  torch = torch_setup()
+  rng = np.random.default_rng(seed)
+  seq = (rng.uniform(0.5, 3.0, num_tasks) * np.exp(-np.outer(
+      np.arange(steps), rng.uniform(0.05, 0.4, num_tasks)))).astype(
+          np.float32)
+  out = {}
+  for name, (ours, theirs, mode, lib) in loss_level_methods(
+      num_tasks).items():
+    peers = {}
+    if theirs is not None:
+      scalarizer = theirs()
+      opt = (torch.optim.SGD(scalarizer.parameters(), lr=LOSS_LEVEL_LR)
+             if mode == "sgd" else None)
+
+      def torchjd_step(losses, n, scalarizer=scalarizer, opt=opt,
+                       mode=mode):
+        if mode == "famo" and n > 0:
+          scalarizer.update(torch.tensor(losses))
+        values = torch.tensor(losses, requires_grad=True)
+        if opt is not None:
+          opt.zero_grad()
+        scalarizer(values).backward()
+        if opt is not None:
+          opt.step()
+        if mode == "dwa":
+          scalarizer.step()
+        return values.grad.numpy().copy()
+
+      peers["torchjd"] = torchjd_step
+    if lib is not None and libmtl is not None:
+      libmtl_step = _libmtl_loss_weighting(libmtl[lib], num_tasks)
+      peers["LibMTL"] = lambda losses, n, f=libmtl_step: f(losses)
+    state = ours.init()
+    weights = jax.jit(ours.weights)
+    mine = []
+    for losses in seq:
+      w, state = weights(jnp.asarray(losses), state)
+      mine.append(np.asarray(w))
+    for peer, step in peers.items():
+      theirs_w = [step(losses, n) for n, losses in enumerate(seq)]
+      err = max(float(np.abs(a - b).max() / np.abs(b).max())
+                for a, b in zip(mine, theirs_w))
+      out[(name, peer)] = err
+  return out
+
+
 def versions() -> str:
   found = []
   for name in ["jax", "jaxlib", "optax", "torch", "torchjd", "LibMTL",
@@ -496,6 +624,9 @@ def main(argv=None):
   checks = cross_check(libmtl)
   for (name, peer), err in checks.items():
     print(f"cross-check {name} vs {peer}: {err:.1e}")
+  loss_checks = cross_check_loss_level(libmtl)
+  for (name, peer), err in loss_checks.items():
+    print(f"cross-check (loss level, 6 steps) {name} vs {peer}: {err:.1e}")
   if args.out is None and not args.quick:
     args.out = os.path.join(RESULTS, "aggregators.md")
   if args.json is None and args.out:
@@ -554,6 +685,10 @@ def main(argv=None):
       "Cross-check on small data (max |ours - peer| / max |peer|, matched "
       "hyper-parameters; T = 2 and 5): " + ", ".join(
           f"{n} vs {p} {e:.1e}" for (n, p), e in checks.items()) + ".",
+      "",
+      "Loss-level methods (the weights on the loss vector, 6 steps side by "
+      "side with the peers' states; T = 3): " + ", ".join(
+          f"{n} vs {p} {e:.1e}" for (n, p), e in loss_checks.items()) + ".",
       "",
       f"![ratios]({os.path.basename(png)})",
       "",

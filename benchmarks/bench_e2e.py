@@ -25,6 +25,12 @@ interleaved round by round, and summarised by its median:
   calls, what a hand-written loop does) instead of one vmapped VJP, and a
   pcgrad step built on them.
 
+* loss-level methods (``--loss-level``, issue 13): for each, a step on the
+  stacked path (``task_value_and_grad`` + the transformation, ``shared=None``,
+  + Adam) and a step on the one-backward-pass path (``jax.value_and_grad``
+  of ``<method>_loss(...).loss`` + Adam). They compute the same update; the
+  ratio ``one backward / stacked`` is what the one-pass path saves.
+
 The headline ratio is ``pcgrad step / adam step``. Computing T gradients
 instead of one costs what it costs in any library; the overhead that is ours
 is ``pcgrad step / (adam step + (forward+T backward) - (forward+1 backward))``,
@@ -114,7 +120,25 @@ def load_inputs(batch_size: int, num_tasks: int):
           f"{source}, images {tuple(images.shape[1:])}")
 
 
-def build(num_tasks: int, batch_size: int, width: int):
+def loss_level_pairs(num_tasks: int) -> dict:
+  """name -> (transformation factory, loss factory, shared kwargs)."""
+  px, sc = pcgrad_optax, pcgrad_optax.scalarization
+  t = num_tasks
+  return {
+      "rlw": (px.rlw, sc.rlw_loss, dict(key=0)),
+      "uncertainty": (px.uncertainty, sc.uncertainty_loss, dict(num_tasks=t)),
+      "dwa": (px.dwa, sc.dwa_loss, dict(num_tasks=t)),
+      "famo": (px.famo, sc.famo_loss, dict(num_tasks=t)),
+      "imtl_l": (px.imtl_l, sc.imtl_l_loss, dict(num_tasks=t)),
+      "stch": (px.stch, sc.stch_loss, dict(num_tasks=t, warmup_steps=1)),
+      "geometric_mean": (px.geometric_mean, sc.geometric_mean_loss, {}),
+      "cosmos": (px.cosmos, sc.cosmos_loss, dict(lambda_=1.0)),
+      "pbi": (px.pbi, sc.pbi_loss, {}),
+  }
+
+
+def build(num_tasks: int, batch_size: int, width: int,
+          loss_level: tuple = ()):
   """The jitted functions to time, and their arguments."""
   model = MultiTaskCNN(num_tasks=num_tasks, width=width)
   images, labels, source = load_inputs(batch_size, num_tasks)
@@ -188,6 +212,36 @@ def build(num_tasks: int, batch_size: int, width: int):
                            (stacked, surgery.init(params), params)),
       "adam update": (adam_only, (mean_grads, adam_state, params)),
   }
+  pairs = loss_level_pairs(num_tasks)
+  for name in loss_level:
+    make_tx, make_loss, kwargs = pairs[name]
+    stacked_tx = optax.chain(make_tx(**kwargs), optax.adam(1e-3))
+    scal = make_loss(**kwargs)
+
+    @jax.jit
+    def stacked_step(params, opt_state, images, labels, tx=stacked_tx):
+      losses, grads = stacked_grad_fn(params, images, labels)
+      updates, opt_state = tx.update(grads, opt_state, params, losses=losses)
+      return optax.apply_updates(params, updates), opt_state, losses
+
+    @jax.jit
+    def one_pass_step(params, states, images, labels, scal=scal):
+      opt_state, loss_state = states
+
+      def objective(p, s):
+        return scal.loss(task_losses(p, images, labels), s)
+
+      (loss, loss_state), grads = jax.value_and_grad(
+          objective, has_aux=True)(params, loss_state)
+      updates, opt_state = adam.update(grads, opt_state, params)
+      return (optax.apply_updates(params, updates), (opt_state, loss_state),
+              loss)
+
+    fns[f"{name} step, stacked"] = (
+        stacked_step, (params, stacked_tx.init(params), images, labels))
+    fns[f"{name} step, one backward"] = (
+        one_pass_step, (params, (adam.init(params), scal.init(params)),
+                        images, labels))
   n_params = sum(x.size for x in jax.tree.leaves(params))
   n_shared = sum(x.size for name, sub in params["params"].items()
                  if not name.startswith("head_") for x in jax.tree.leaves(sub))
@@ -259,7 +313,15 @@ def main(argv=None):
   parser.add_argument("--max-wait", type=float, default=900.0,
                       help="seconds to wait for a 1-min load < 1.0")
   parser.add_argument("--out", default=os.path.join(RESULTS, "e2e.md"))
+  parser.add_argument(
+      "--loss-level", nargs="*", default=[],
+      choices=sorted(loss_level_pairs(2)), metavar="METHOD",
+      help="also time these loss-level methods on the stacked and the "
+      "one-backward-pass paths (no METHOD after the flag: all of them)")
   args = parser.parse_args(argv)
+  if args.loss_level is not None and not args.loss_level and (
+      "--loss-level" in (sys.argv if argv is None else argv)):
+    args.loss_level = sorted(loss_level_pairs(2))
   if args.quick:
     args.batch, args.width, args.rounds, args.calls = 16, 8, 3, 1
     args.max_wait = 0.0
@@ -269,7 +331,7 @@ def main(argv=None):
   print(f"1-min load at start: {load_before:.2f} (waited {waited:.0f} s)")
   tables = []
   for t in args.tasks:
-    fns, info = build(t, args.batch, args.width)
+    fns, info = build(t, args.batch, args.width, tuple(args.loss_level))
     print(f"T={t}: {info['n_params']:,} params ({info['n_shared']:,} shared), "
           f"batch {args.batch}, {info['source']}")
     medians = time_interleaved(fns, args.rounds, args.calls, not args.quick)
@@ -311,6 +373,23 @@ def main(argv=None):
           f"{r['split'][2]:.0%} (parts timed separately)",
           "",
       ]
+    if args.loss_level:
+      lines += [
+          "Loss-level methods, the same update on two paths "
+          "(medians; minima in brackets):",
+          "",
+          "| method | stacked ms | one backward ms | one backward / stacked "
+          "| one backward / adam step |",
+          "|---|---:|---:|---:|---:|",
+      ]
+      for name in args.loss_level:
+        st, ob = m[f"{name} step, stacked"], m[f"{name} step, one backward"]
+        lines.append(
+            f"| {name} | {st[0] * 1e3:.2f} | {ob[0] * 1e3:.2f} | "
+            f"**{ob[0] / st[0]:.3f}** ({ob[2] / st[2]:.3f}) | "
+            f"{ob[0] / m['adam step'][0]:.3f} "
+            f"({ob[2] / m['adam step'][2]:.3f}) |")
+      lines += [""]
 
   report = "\n".join(lines)
   print("\n" + report)
@@ -345,7 +424,10 @@ def main(argv=None):
       f"conv 3x3 (2w) - dense 128 - one dense-10 head per task, w = "
       f"{args.width}; softmax cross-entropy per task. PCGrad runs on the "
       "trunk only (`shared=` mask); the heads get their own task's "
-      "gradient.",
+      "gradient." + (
+          " The loss-level rows weight the whole model (`shared=None` on "
+          "the stacked path), which is what their one-backward-pass path "
+          "computes (same update, same state)." if args.loss_level else ""),
       "",
   ]
   with open(args.out, "w") as f:

@@ -81,6 +81,13 @@ KNOWN_AGGREGATORS = (
     ("famo", {}),
     ("dwa", {}),
     ("uncertainty", {}),
+    # Issue 13, loss level (imtl_l, geometric_mean and pbi build with no
+    # arguments and are picked up by name anyway).
+    ("imtl_l", {}),
+    ("stch", {"warmup_steps": 100}),
+    ("geometric_mean", {}),
+    ("cosmos", {"lambda_": 1.0}),
+    ("pbi", {}),
 )
 # Not aggregators, or (sum, mean) the linear baselines that Adam on the mean
 # loss already covers (Adam is invariant to the loss scale).
@@ -136,7 +143,7 @@ def discover_methods():
   known = {n for n, _ in KNOWN_AGGREGATORS}
   for name in sorted(dir(pcgrad_optax)):
     if (name.startswith("_") or name in known or name in NOT_AGGREGATORS
-        or not name.islower()):
+        or not name.islower() or name.endswith("_loss")):  # one-pass forms
       continue
     if inspect.isfunction(getattr(pcgrad_optax, name)):
       candidates.append((name, {}))

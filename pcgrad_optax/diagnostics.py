@@ -66,7 +66,7 @@ __all__ = [
 # The package's state types that record the last step's weights (and Gram).
 _RECORDING_STATES = frozenset({
     "GramState", "PCGradState", "GradVacState", "RLWState", "DWAState",
-    "FAMOState", "UncertaintyState"})
+    "FAMOState", "UncertaintyState", "IMTLLState", "STCHState"})
 
 
 def task_norms(gram: jax.Array) -> jax.Array:

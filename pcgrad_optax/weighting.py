@@ -33,6 +33,13 @@ from pcgrad_optax.scalarization._famo import famo_weighting as famo
 from pcgrad_optax.scalarization._rlw import rlw_weighting as rlw
 from pcgrad_optax.scalarization._uncertainty import (
     uncertainty_weighting as uncertainty)
+# Issue 13 (loss level).
+from pcgrad_optax.scalarization._cosmos import cosmos_weighting as cosmos
+from pcgrad_optax.scalarization._geometric_mean import (
+    geometric_mean_weighting as geometric_mean)
+from pcgrad_optax.scalarization._imtl_l import imtl_l_weighting as imtl_l
+from pcgrad_optax.scalarization._pbi import pbi_weighting as pbi
+from pcgrad_optax.scalarization._stch import stch_weighting as stch
 
 __all__ = [
     "aligned_mtl",
@@ -53,4 +60,10 @@ __all__ = [
     "sum",
     "uncertainty",
     "upgrad",
+    # Issue 13 (loss level).
+    "cosmos",
+    "geometric_mean",
+    "imtl_l",
+    "pbi",
+    "stch",
 ]

@@ -49,3 +49,20 @@ def test_aggregators_match_torchjd_and_libmtl():
     # DualProj and ConFIG differ by the peers' QP / pinv tolerances.
     limit = 2e-2 if (name, peer) == ("mgda", "torchjd") else 1e-3
     assert err < limit, (name, peer, err)
+
+
+def test_loss_level_methods_match_torchjd_and_libmtl():
+  # benchmarks/bench_aggregators.py's loss-level cross-check (issue 13): the
+  # weights on the loss vector of IMTL-L, STCH, GLS, COSMOS, PBI,
+  # uncertainty, DWA and FAMO against torchjd's scalarizers (and LibMTL's
+  # GLS and UW where installed), six steps side by side with their states.
+  path = os.path.join(os.path.dirname(_BENCH), "bench_aggregators.py")
+  spec = importlib.util.spec_from_file_location("bench_aggregators", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  errors = module.cross_check_loss_level(module.load_libmtl())
+  assert {name for name, peer in errors if peer == "torchjd"} >= {
+      "imtl_l", "stch", "geometric_mean", "cosmos", "pbi", "uncertainty",
+      "dwa", "famo"}
+  for (name, peer), err in errors.items():
+    assert err < 1e-5, (name, peer, err)

@@ -54,6 +54,21 @@ def per_task_count(factory, **fixed):
   return make
 
 
+def with_args(factory, **fixed):
+  """``factory`` with fixed keyword arguments, as a Spec's ``make``.
+
+  ``make.factory``/``make.kwargs`` let the optax checks wrap the factory
+  itself in ``optax.inject_hyperparams``.
+  """
+
+  def make(**kwargs):
+    return factory(**fixed, **kwargs)
+
+  make.factory = factory
+  make.kwargs = fixed
+  return make
+
+
 def task_losses(t):
   # Positive, distinct losses so every loss-based weighting is exercised.
   return {"losses": np.linspace(0.5, 2.0, t).astype(np.float32)}
@@ -90,6 +105,20 @@ SPECS = [
          extra_args=task_losses),
     Spec("dwa", per_task_count(pcgrad_optax.dwa), extra_args=task_losses),
     Spec("famo", per_task_count(pcgrad_optax.famo), extra_args=task_losses),
+    # Issue 13, loss level. One task: IMTL-L's weight is exp(0) = 1, the
+    # geometric mean's G / L = 1, COSMOS's r - lambda * 0 = 1 and PBI's unit
+    # ray 1; STCH's is 1 / L (the gradient of log L in the warm-up, and
+    # T softmax / L after it), not 1. STCH with one warm-up step runs both
+    # phases in the multi-step checks.
+    Spec("imtl_l", per_task_count(pcgrad_optax.imtl_l),
+         extra_args=task_losses),
+    Spec("stch", per_task_count(pcgrad_optax.stch, warmup_steps=1),
+         extra_args=task_losses, identity_at_t1=False),
+    Spec("geometric_mean", pcgrad_optax.geometric_mean,
+         extra_args=task_losses),
+    Spec("cosmos", with_args(pcgrad_optax.cosmos, lambda_=1.0),
+         extra_args=task_losses),
+    Spec("pbi", pcgrad_optax.pbi, extra_args=task_losses),
 ]
 
 

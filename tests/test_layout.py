@@ -23,6 +23,18 @@ import pcgrad_optax
 
 PACKAGE = pathlib.Path(pcgrad_optax.__file__).parent
 
+# Issue 13, loss level: the new methods and every loss-level method's
+# one-backward-pass form.
+LOSS_LEVEL = {
+    "pcgrad_optax.scalarization": [
+        "IMTLLState", "LossScalarization", "STCHState", "cosmos",
+        "cosmos_loss", "dwa_loss", "famo_loss", "geometric_mean",
+        "geometric_mean_loss", "imtl_l", "imtl_l_loss", "pbi", "pbi_loss",
+        "rlw_loss", "stch", "stch_loss", "uncertainty_loss"],
+    "pcgrad_optax.weighting": [
+        "cosmos", "geometric_mean", "imtl_l", "pbi", "stch"],
+}
+
 PUBLIC = {
     "pcgrad_optax": [
         "DWAState", "FAMOState", "GradDropState", "GradVacState",
@@ -51,6 +63,12 @@ PUBLIC = {
         "LOWER", "MEAN_LOSS_ARGMIN", "MEAN_LOSS_MIN", "PCGRAD_PAPER_START",
         "STARTS", "losses", "pcgrad_paper_losses"],
 }
+
+PUBLIC["pcgrad_optax.scalarization"] = LOSS_LEVEL["pcgrad_optax.scalarization"]
+PUBLIC["pcgrad_optax"] = PUBLIC["pcgrad_optax"] + LOSS_LEVEL[
+    "pcgrad_optax.scalarization"]
+PUBLIC["pcgrad_optax.weighting"] = PUBLIC["pcgrad_optax.weighting"] + \
+    LOSS_LEVEL["pcgrad_optax.weighting"]
 
 # Weightings without a transformation of the same name, or the other way.
 WEIGHTING_ONLY = {"check_gram", "random_orders"}

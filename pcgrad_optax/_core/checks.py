@@ -90,6 +90,12 @@ def check_nonnegative(value, what: str) -> None:
                "a finite number >= 0")
 
 
+def check_positive(value, what: str) -> None:
+  """ValueError unless a concrete ``value`` is a finite number ``> 0``."""
+  check_scalar(value, what, lambda v: v > 0 and math.isfinite(v),
+               "a finite number > 0")
+
+
 def static_int(value, what: str, minimum: int = 1) -> int | None:
   """A structural integer (num_tasks, a period) as an int; None if traced.
 

@@ -119,6 +119,10 @@ def documented(factory):
 class GramState(NamedTuple):
   """State of a stateless Gram-based transformation built with ``num_tasks``.
 
+  Also the state of the stateless loss-level methods
+  (:func:`pcgrad_optax.geometric_mean`, :func:`pcgrad_optax.cosmos`,
+  :func:`pcgrad_optax.pbi`) built with ``num_tasks`` (``gram`` None).
+
   ``optax.tree_utils.tree_get(state, "weights")`` finds the weights in a
   chain (or :func:`pcgrad_optax.diagnostics.from_state` reads both).
 

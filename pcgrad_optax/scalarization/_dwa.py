@@ -12,14 +12,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pcgrad_optax._core.aggregate import combine, resolve
-from pcgrad_optax._core.checks import (as_vector, check_losses,
-                                       check_num_tasks, check_scalar,
-                                       init_num_tasks, static_int)
+from pcgrad_optax._core.checks import (as_vector, check_num_tasks,
+                                       check_scalar, static_int)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import (Aggregator, cast_like,
-                                          check_record, documented, record)
+from pcgrad_optax._core.transform import Aggregator, documented
+from pcgrad_optax.scalarization._scalarized import (LossScalarization,
+                                                    loss_transformation,
+                                                    scalarized)
 
 
 def dwa_weighting(prev_losses: jax.Array, prev_prev_losses: jax.Array, *,
@@ -79,8 +79,9 @@ class DWAState(NamedTuple):
     history: ``(2, T)`` float32 mean losses of the last two complete periods
       (row 0 the most recent).
     periods: number of complete periods (int32, capped at 2).
-    weights: ``(T,)`` float32 weights applied to the weighted leaves at the
-      last step (zeros before the first update).
+    weights: ``(T,)`` weights applied to the weighted leaves at the last
+      step (zeros before the first update; float32, or float64 for float64
+      params).
   """
   count: jax.Array
   loss_sum: jax.Array
@@ -110,6 +111,9 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
   is the common per-step variant: step :math:`n \ge 2` uses
   :math:`L(n-1)/L(n-2)`, steps 0 and 1 have weights 1. The losses are
   assumed positive (a non-positive :math:`\bar L(k-2)` gives ratio 1).
+
+  The one-backward-pass form (no per-task gradients) is
+  :func:`pcgrad_optax.scalarization.dwa_loss`.
 
   @WEIGHTS_SHARED_LEAVES@
 
@@ -146,25 +150,25 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
     <https://arxiv.org/abs/1803.10704>`_, CVPR 2019.
   """
   check_reduction(reduction)
-  expected = check_num_tasks(num_tasks)   # None when traced
+  init, step = _dwa_method(num_tasks, temperature, period)
+  return loss_transformation(init, step, method="dwa", num_tasks=num_tasks,
+                             reduction=reduction, shared=shared)
+
+
+def _dwa_method(num_tasks, temperature, period):
+  """``(init, step)`` of DWA (see ``_scalarized.py``)."""
+  check_num_tasks(num_tasks)   # None when traced: T from the gradients
   _check_temperature(temperature)
   static_int(period, "`period`")   # a traced period is used as an array
 
-  def init_fn(params):
-    del params
-    t = init_num_tasks(expected, "dwa")
+  def init(t):
     return DWAState(count=jnp.zeros([], jnp.int32),
                     loss_sum=jnp.zeros((t,), jnp.float32),
                     history=jnp.ones((2, t), jnp.float32),
-                    periods=jnp.zeros([], jnp.int32),
-                    weights=jnp.zeros((t,), jnp.float32))
+                    periods=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-    del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
-                                       "dwa")
-    check_record(state.loss_sum, t, "dwa")
-    losses = check_losses(losses, t, "dwa")
+  def step(losses, state, t, extra):
+    del extra
     weights = jnp.where(
         state.periods >= 2,
         dwa_weighting(state.history[0], state.history[1],
@@ -179,9 +183,46 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
         count=optax.safe_increment(state.count),
         loss_sum=jnp.where(period_done, jnp.zeros_like(loss_sum), loss_sum),
         history=history,
-        periods=jnp.minimum(state.periods + period_done.astype(jnp.int32), 2),
-        weights=record(weights, None, state.weights, None, t, reduction)[0])
-    return combine(leaves, treedef, mask, weights, reduction), \
-        cast_like(new_state, state)
+        periods=jnp.minimum(state.periods + period_done.astype(jnp.int32), 2))
+    return weights, None, new_state
 
-  return Aggregator(init_fn, update_fn)
+  return init, step
+
+
+def dwa_loss(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
+             reduction: str = "sum") -> LossScalarization:
+  r"""DWA as one scalar loss: :math:`\sum_t \lambda_t L_t`, one backward pass.
+
+  The weights never look at gradients, so ``loss(losses, state)`` returns
+  :math:`\sum_t \lambda_t L_t` with :func:`dwa`'s weights (held constant)
+  and the next state, the same as :func:`dwa`'s (with ``shared=None``) step
+  for step. There is no ``shared`` mask: the loss weights the whole model,
+  as the paper's loss does.
+
+  Args:
+    num_tasks: T.
+    temperature: :math:`\tau > 0`.
+    period: number of steps whose losses are averaged.
+    reduction: ``"sum"`` (the paper) or ``"mean"`` (divides by T).
+
+  Returns:
+    A :class:`pcgrad_optax.scalarization.LossScalarization` with a
+    :class:`DWAState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import pcgrad_optax
+    >>> scal = pcgrad_optax.scalarization.dwa_loss(num_tasks=2)
+    >>> state = scal.init()
+    >>> for losses in ([1.0, 1.0], [1.0, 0.5], [0.9, 0.4]):
+    ...   w, state = scal.weights(jnp.array(losses), state)
+    >>> print(jnp.round(w, 4))  # third step: ratios 1 and 0.5
+    [1.1244 0.8756]
+
+  References:
+    Liu, Johns, Davison, `End-to-End Multi-Task Learning with Attention
+    <https://arxiv.org/abs/1803.10704>`_, CVPR 2019.
+  """
+  init, step = _dwa_method(num_tasks, temperature, period)
+  return scalarized(init, step, method="dwa_loss", num_tasks=num_tasks,
+                    reduction=reduction)

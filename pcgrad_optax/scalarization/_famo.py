@@ -12,14 +12,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pcgrad_optax._core.aggregate import combine, resolve
 from pcgrad_optax._core.checks import (as_vector, check_losses,
-                                       check_num_tasks, init_num_tasks,
-                                       per_task)
+                                       check_num_tasks, per_task)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import (Aggregator, cast_like,
-                                          check_record, documented, record)
+from pcgrad_optax._core.transform import Aggregator, documented
+from pcgrad_optax.scalarization._scalarized import (LossScalarization,
+                                                    loss_transformation,
+                                                    scalarized)
 
 
 def famo_weighting(logits: jax.Array, losses: jax.Array, *,
@@ -77,8 +77,9 @@ class FAMOState(NamedTuple):
     prev_losses: ``(T,)`` float32 losses passed at the previous step.
     count: number of updates done so far (int32).
     opt_state: state of the optimiser of the logits.
-    weights: ``(T,)`` float32 weights applied to the weighted leaves at the
-      last step (zeros before the first update).
+    weights: ``(T,)`` weights applied to the weighted leaves at the last
+      step (zeros before the first update; float32, or float64 for float64
+      params).
   """
   logits: jax.Array
   prev_losses: jax.Array
@@ -137,6 +138,9 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
   it. The code also clips the model's gradient norm (max 1), which is an
   ``optax.clip_by_global_norm(1.0)`` after this transformation.
 
+  The one-backward-pass form (no per-task gradients) is
+  :func:`pcgrad_optax.scalarization.famo_loss`.
+
   @WEIGHTS_SHARED_LEAVES@
 
   @FIRST_IN_CHAIN@
@@ -183,35 +187,36 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
     <https://arxiv.org/abs/2306.03792>`_, NeurIPS 2023.
   """
   check_reduction(reduction)
+  init, step = _famo_method(num_tasks, learning_rate, weight_decay,
+                            min_losses, eps, optimizer, "famo")
+  return loss_transformation(init, step, method="famo", num_tasks=num_tasks,
+                             reduction=reduction, shared=shared)
+
+
+def _famo_method(num_tasks, learning_rate, weight_decay, min_losses, eps,
+                 optimizer, method):
+  """``(init, step)`` of FAMO (see ``_scalarized.py``)."""
   expected = check_num_tasks(num_tasks)   # None when traced
   if expected is not None:
     per_task(min_losses, expected, "min_losses")
   opt = optimizer if optimizer is not None else optax.sgd(learning_rate)
 
-  def init_fn(params):
-    del params
-    t = init_num_tasks(expected, "famo")
+  def init(t):
     logits = jnp.zeros((t,), jnp.float32)
     return FAMOState(logits=logits,
                      prev_losses=jnp.zeros((t,), jnp.float32),
                      count=jnp.zeros([], jnp.int32),
-                     opt_state=opt.init(logits),
-                     weights=jnp.zeros((t,), jnp.float32))
+                     opt_state=opt.init(logits))
 
-  def update_fn(updates, state, params=None, *, losses=None,
-                prev_batch_losses=None, **extra_args):
-    del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
-                                       "famo")
-    check_record(state.logits, t, "famo")
+  def step(losses, state, t, extra):
     min_l = per_task(min_losses, t, "min_losses")
 
     def log_shifted(losses):
       return jnp.log(losses - min_l + eps)
 
-    losses = check_losses(losses, t, "famo")
+    prev_batch_losses = extra.get("prev_batch_losses")
     after = losses if prev_batch_losses is None else check_losses(
-        prev_batch_losses, t, "famo", "prev_batch_losses")
+        prev_batch_losses, t, method, "prev_batch_losses")
     logits = state.logits
     # Step 0 has no previous losses: delta = 0 there (and no log of the
     # placeholder), and the logits keep their initial value below.
@@ -220,18 +225,87 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
     delta = log_shifted(before) - log_shifted(after)
     z = jax.nn.softmax(logits)
     grad = z * (delta - jnp.dot(z, delta)) + weight_decay * logits
-    step, opt_state = opt.update(grad.astype(logits.dtype), state.opt_state,
-                                 logits)
-    moved = optax.apply_updates(logits, step)
+    update, opt_state = opt.update(grad.astype(logits.dtype),
+                                   state.opt_state, logits)
+    moved = optax.apply_updates(logits, update)
     logits = jnp.where(first, logits, moved)
     opt_state = jax.tree.map(lambda old, new: jnp.where(first, old, new),
                              state.opt_state, opt_state)
     weights = famo_weighting(logits, losses, min_losses=min_l, eps=eps)
-    new_state = FAMOState(
-        logits=logits, prev_losses=losses,
-        count=optax.safe_increment(state.count), opt_state=opt_state,
-        weights=record(weights, None, state.weights, None, t, reduction)[0])
-    return combine(leaves, treedef, mask, weights, reduction), \
-        cast_like(new_state, state)
+    # The objective whose gradient is sum_t w_t grad L_t: c sum_t z_t log l_t
+    # with c = 1 / sum_k z_k / l_k (held constant), as in the paper.
+    shifted = losses - min_l + eps
+    z = jax.nn.softmax(logits)
+    value = jnp.sum(z * jnp.log(shifted)) / jnp.sum(z / shifted)
+    new_state = FAMOState(logits=logits, prev_losses=losses,
+                          count=optax.safe_increment(state.count),
+                          opt_state=opt_state)
+    return weights, value, new_state
 
-  return Aggregator(init_fn, update_fn)
+  return init, step
+
+
+def famo_loss(*, num_tasks: int, learning_rate: float = 0.025,
+              weight_decay: float = 0.01,
+              min_losses: float | jax.Array = 0.0, eps: float = 1e-8,
+              optimizer: optax.GradientTransformation | None = None,
+              reduction: str = "sum") -> LossScalarization:
+  r"""FAMO as one scalar loss, one backward pass (the paper's intent).
+
+  ``loss(losses, state, prev_batch_losses=None)`` first updates the logits
+  from the stored and the new (or ``prev_batch_losses``) losses, exactly as
+  :func:`famo` does, then returns FAMO's objective
+
+  .. math::
+    c \sum_t z_t \log \ell_t, \qquad
+    c = \Big(\sum_k z_k/\ell_k\Big)^{-1}\ \text{(held constant)},
+
+  whose gradient is :math:`\sum_t w_t \nabla L_t` with
+  :func:`pcgrad_optax.weighting.famo`'s weights, and the next state. The
+  logit update needs the losses only (never a gradient), so the state
+  sequence is :func:`famo`'s step for step. There is no ``shared`` mask:
+  the loss weights the whole model, as in the paper.
+
+  Args:
+    num_tasks: T.
+    learning_rate: :math:`\beta` (ignored when ``optimizer`` is given).
+    weight_decay: :math:`\gamma`.
+    min_losses: scalar or ``(T,)`` lower bounds :math:`L^*`.
+    eps: :math:`\epsilon`.
+    optimizer: optional optax transformation for the logits.
+    reduction: ``"sum"`` (the paper) or ``"mean"`` (divides by T).
+
+  Returns:
+    A :class:`pcgrad_optax.scalarization.LossScalarization` with a
+    :class:`FAMOState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import pcgrad_optax
+    >>> scal = pcgrad_optax.scalarization.famo_loss(num_tasks=2)
+    >>> def task_losses(p):
+    ...   return jnp.stack([(p[0] - 1) ** 2 + 1, 10 * p[1] ** 2 + 1])
+    >>> def objective(p, state):
+    ...   return scal.loss(task_losses(p), state)
+    >>> params, state = jnp.array([2.0, -2.0]), scal.init()
+    >>> opt = optax.sgd(0.01)
+    >>> opt_state = opt.init(params)
+    >>> @jax.jit
+    ... def step(params, state, opt_state):
+    ...   (_, state), g = jax.value_and_grad(objective, has_aux=True)(
+    ...       params, state)
+    ...   u, opt_state = opt.update(g, opt_state)
+    ...   return optax.apply_updates(params, u), state, opt_state
+    >>> for _ in range(20):
+    ...   params, state, opt_state = step(params, state, opt_state)
+    >>> bool(state.logits[0] > state.logits[1])
+    True
+
+  References:
+    Liu, Liang, Chen, Liu, `FAMO: Fast Adaptive Multitask Optimization
+    <https://arxiv.org/abs/2306.03792>`_, NeurIPS 2023.
+  """
+  init, step = _famo_method(num_tasks, learning_rate, weight_decay,
+                            min_losses, eps, optimizer, "famo_loss")
+  return scalarized(init, step, method="famo_loss", num_tasks=num_tasks,
+                    reduction=reduction)

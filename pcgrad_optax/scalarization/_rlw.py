@@ -13,13 +13,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pcgrad_optax._core.aggregate import combine, resolve
+from pcgrad_optax._core.checks import check_choice, check_num_tasks
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.checks import check_num_tasks
 from pcgrad_optax._core.transform import (Aggregator, canonicalize_key,
-                                          check_record, check_record_args,
-                                          documented, init_record, record)
+                                          documented)
+from pcgrad_optax.scalarization._scalarized import (LossScalarization,
+                                                    loss_transformation,
+                                                    scalarized)
 
 RLW_DISTRIBUTIONS = ("normal", "uniform", "dirichlet")
 
@@ -109,6 +110,9 @@ def rlw(key: jax.Array | int = 0, *, distribution: str = "normal",
   the ``"sum"`` reduction is a random *average* of the task gradients (the
   ``"mean"`` reduction divides it by T once more).
 
+  The one-backward-pass form (no per-task gradients) is
+  :func:`pcgrad_optax.scalarization.rlw_loss`.
+
   @WEIGHTS_SHARED_LEAVES@
 
   @FIRST_IN_CHAIN@
@@ -143,30 +147,72 @@ def rlw(key: jax.Array | int = 0, *, distribution: str = "normal",
     <https://arxiv.org/abs/2111.10603>`_, TMLR 2022.
   """
   check_reduction(reduction)
-  if distribution not in RLW_DISTRIBUTIONS:
-    raise ValueError(f"Unknown distribution {distribution!r}; expected one "
-                     f"of {RLW_DISTRIBUTIONS}.")
+  init, step = _rlw_method(key, distribution)
+  return loss_transformation(init, step, method="rlw", num_tasks=num_tasks,
+                             reduction=reduction, shared=shared,
+                             needs_losses=False)
 
-  records = check_record_args(num_tasks, False, "rlw")
-  expected = check_num_tasks(num_tasks) if records else None
 
-  def init_fn(params):
-    weights = (init_record(params, num_tasks, False, "rlw")[0] if records
-               else None)
-    return RLWState(key=canonicalize_key(key), count=jnp.zeros([], jnp.int32),
-                    weights=weights)
+def _rlw_method(key, distribution):
+  """``(init, step)`` of RLW (see ``_scalarized.py``)."""
+  check_choice(distribution, RLW_DISTRIBUTIONS, "distribution")
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
-                                       "rlw")
+  def init(t):
+    del t
+    return RLWState(key=canonicalize_key(key), count=jnp.zeros([], jnp.int32))
+
+  def step(losses, state, t, extra):
+    del losses, extra
     weights = rlw_weighting(jax.random.fold_in(state.key, state.count), t,
                             distribution=distribution)
-    recorded = None
-    if records:
-      check_record(state.weights, t, "rlw")
-      recorded, _ = record(weights, None, state.weights, None, t, reduction)
-    return combine(leaves, treedef, mask, weights, reduction), RLWState(
-        state.key, optax.safe_increment(state.count), recorded)
+    return weights, None, RLWState(state.key,
+                                   optax.safe_increment(state.count))
 
-  return Aggregator(init_fn, update_fn)
+  return init, step
+
+
+def rlw_loss(key: jax.Array | int = 0, *, distribution: str = "normal",
+             reduction: str = "sum", num_tasks: int | None = None
+             ) -> LossScalarization:
+  r"""RLW as one scalar loss: :math:`\sum_t \lambda_t L_t`, one backward pass.
+
+  The same random weights, state and key sequence as :func:`rlw` (see there
+  and :func:`pcgrad_optax.weighting.rlw`), but on the ``(T,)`` loss vector
+  instead of stacked gradients: ``loss(losses, state)`` returns
+  :math:`\sum_t \lambda_t L_t` (the weights held constant) and the next
+  state, so its gradient is :func:`rlw`'s update with ``shared=None`` at
+  the cost of one backward pass. There is no ``shared`` mask: the loss
+  weights the whole model, task heads included, as the paper's loss does.
+
+  Args:
+    key: int seed or PRNG key.
+    distribution: ``"normal"`` (the paper's), ``"uniform"`` or
+      ``"dirichlet"``.
+    reduction: ``"sum"`` (the paper) or ``"mean"`` (divides by T).
+    num_tasks: optional T: the state then keeps the last step's weights.
+
+  Returns:
+    A :class:`pcgrad_optax.scalarization.LossScalarization` with a
+    :class:`RLWState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import pcgrad_optax
+    >>> scal = pcgrad_optax.scalarization.rlw_loss(0)
+    >>> def objective(params, state):
+    ...   losses = jnp.stack([params["w"][0] ** 2, params["w"][1] ** 2])
+    ...   return scal.loss(losses, state)
+    >>> params = {"w": jnp.array([1.0, 1.0])}
+    >>> (loss, state), grads = jax.value_and_grad(objective, has_aux=True)(
+    ...     params, scal.init(params))
+    >>> print(jnp.round(grads["w"].sum(), 4))  # 2 * (a convex combination)
+    2.0
+
+  References:
+    Lin, Ye, Xu, Shi, Zhang, Kwok, `Reasonable Effectiveness of Random
+    Weighting: A Litmus Test for Multi-Task Learning
+    <https://arxiv.org/abs/2111.10603>`_, TMLR 2022.
+  """
+  init, step = _rlw_method(key, distribution)
+  return scalarized(init, step, method="rlw_loss", num_tasks=num_tasks,
+                    reduction=reduction)

@@ -14,14 +14,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pcgrad_optax._core.aggregate import combine, resolve
-from pcgrad_optax._core.checks import (as_vector, check_losses,
-                                       check_num_tasks, init_num_tasks,
-                                       per_task)
+from pcgrad_optax._core.checks import as_vector, check_num_tasks, per_task
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import (Aggregator, cast_like,
-                                          check_record, documented, record)
+from pcgrad_optax._core.transform import Aggregator, documented
+from pcgrad_optax.scalarization._scalarized import (LossScalarization,
+                                                    loss_transformation,
+                                                    scalarized)
 
 UNCERTAINTY_TASK_TYPES = ("regression", "classification")
 
@@ -102,8 +101,9 @@ class UncertaintyState(NamedTuple):
   Attributes:
     log_vars: ``(T,)`` float32 learnable log-variances :math:`s_t`.
     opt_state: state of the optimiser of the log-variances.
-    weights: ``(T,)`` float32 weights applied to the weighted leaves at the
-      last step (zeros before the first update).
+    weights: ``(T,)`` weights applied to the weighted leaves at the last
+      step (zeros before the first update; float32, or float64 for float64
+      params).
   """
   log_vars: jax.Array
   opt_state: optax.OptState
@@ -140,6 +140,9 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
 
   The losses are the extra argument ``losses`` of ``update``.
 
+  The one-backward-pass form (no per-task gradients) is
+  :func:`pcgrad_optax.scalarization.uncertainty_loss`.
+
   @WEIGHTS_SHARED_LEAVES@
 
   @FIRST_IN_CHAIN@
@@ -160,8 +163,9 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
 
   Returns:
     An :class:`optax.experimental.aggregating.Aggregator` (a
-    ``GradientTransformationExtraArgs``) with a :class:`UncertaintyState`; ``update(grads, state, params=None, *,
-    losses)`` needs the ``(T,)`` task losses (ValueError otherwise).
+    ``GradientTransformationExtraArgs``) with a :class:`UncertaintyState`;
+    ``update(grads, state, params=None, *, losses)`` needs the ``(T,)``
+    task losses (ValueError otherwise).
 
   Example:
     >>> import jax.numpy as jnp
@@ -182,36 +186,93 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
     <https://arxiv.org/abs/1705.07115>`_, CVPR 2018.
   """
   check_reduction(reduction)
+  init, step = _uncertainty_method(num_tasks, learning_rate, task_types,
+                                   init_log_vars, optimizer)
+  return loss_transformation(init, step, method="uncertainty",
+                             num_tasks=num_tasks, reduction=reduction,
+                             shared=shared)
+
+
+def _uncertainty_method(num_tasks, learning_rate, task_types, init_log_vars,
+                        optimizer):
+  """``(init, step)`` of uncertainty weighting (see ``_scalarized.py``)."""
   expected = check_num_tasks(num_tasks)   # None when traced
   if expected is not None:
     _uncertainty_factors(task_types, expected)
     per_task(init_log_vars, expected, "init_log_vars")
   opt = optimizer if optimizer is not None else optax.sgd(learning_rate)
 
-  def init_fn(params):
-    del params
-    t = init_num_tasks(expected, "uncertainty")
+  def init(t):
     init_s = per_task(init_log_vars, t, "init_log_vars")
-    return UncertaintyState(log_vars=init_s, opt_state=opt.init(init_s),
-                            weights=jnp.zeros((t,), jnp.float32))
+    return UncertaintyState(log_vars=init_s, opt_state=opt.init(init_s))
 
-  def update_fn(updates, state, params=None, *, losses=None, **extra_args):
-    del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
-                                       "uncertainty")
-    check_record(state.log_vars, t, "uncertainty")
+  def step(losses, state, t, extra):
+    del extra
     weight_factor, reg_factor = _uncertainty_factors(task_types, t)
-    losses = check_losses(losses, t, "uncertainty")
     log_vars = state.log_vars
     weights = uncertainty_weighting(log_vars, task_types=task_types)
+    value = jnp.sum(weights * losses + reg_factor * log_vars)
     grad_s = (reg_factor - weight_factor * jnp.exp(-log_vars) * losses)
     grad_s = grad_s.astype(log_vars.dtype)
-    step, opt_state = opt.update(grad_s, state.opt_state, log_vars)
-    new_log_vars = optax.apply_updates(log_vars, step)
-    return combine(leaves, treedef, mask, weights, reduction), \
-        UncertaintyState(
-            cast_like(new_log_vars, log_vars),
-            cast_like(opt_state, state.opt_state),
-            record(weights, None, state.weights, None, t, reduction)[0])
+    update, opt_state = opt.update(grad_s, state.opt_state, log_vars)
+    new_log_vars = optax.apply_updates(log_vars, update)
+    return weights, value, UncertaintyState(new_log_vars, opt_state)
 
-  return Aggregator(init_fn, update_fn)
+  return init, step
+
+
+def uncertainty_loss(*, num_tasks: int, learning_rate: float = 1e-2,
+                     task_types: Sequence[str] | str | None = None,
+                     init_log_vars: float | jax.Array = 0.0,
+                     optimizer: optax.GradientTransformation | None = None,
+                     reduction: str = "sum") -> LossScalarization:
+  r"""Uncertainty weighting as one scalar loss (one backward pass).
+
+  ``loss(losses, state)`` returns Kendall et al.'s objective at the current
+  log-variances, :math:`\sum_t a_t e^{-s_t} L_t + b_t s_t`, whose gradient
+  is :math:`\sum_t a_t e^{-s_t} \nabla L_t`, :func:`uncertainty`'s update
+  (with ``shared=None``), and the next state: the log-variances take the
+  same optimiser step on :math:`\partial/\partial s_t = b_t - a_t e^{-s_t}
+  L_t` as in :func:`uncertainty`. That derivative needs only the losses, so
+  the log-variances live in the state, not in the model's parameters, and
+  the state sequence is the transformation's step for step. (Making
+  :math:`s` model parameters instead, trained by the model's optimiser
+  through this loss, is the torchjd/LibMTL way; the value returned here is
+  that objective, but its gradient with respect to ``state.log_vars`` is
+  zero by construction, so use ``pcgrad_optax.weighting.uncertainty`` for
+  that.) There is no ``shared`` mask: the loss weights the whole model.
+
+  Args:
+    num_tasks: T.
+    learning_rate: :math:`\eta` of the gradient descent on :math:`s`
+      (ignored when ``optimizer`` is given).
+    task_types: as for :func:`uncertainty`.
+    init_log_vars: scalar or ``(T,)`` initial :math:`s`.
+    optimizer: optional optax transformation for :math:`s`.
+    reduction: ``"sum"`` (the paper) or ``"mean"`` (divides by T).
+
+  Returns:
+    A :class:`pcgrad_optax.scalarization.LossScalarization` with an
+    :class:`UncertaintyState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import pcgrad_optax
+    >>> scal = pcgrad_optax.scalarization.uncertainty_loss(
+    ...     num_tasks=2, learning_rate=0.5)
+    >>> def objective(w, state):
+    ...   return scal.loss(jnp.stack([w[0] ** 2, 3 * w[1] ** 2]), state)
+    >>> (loss, state), g = jax.value_and_grad(objective, has_aux=True)(
+    ...     jnp.ones(2), scal.init())
+    >>> print(g, state.log_vars)  # weights 1 at s = 0; s - 0.5 * (1 - L)
+    [2. 6.] [0. 1.]
+
+  References:
+    Kendall, Gal, Cipolla, `Multi-Task Learning Using Uncertainty to Weigh
+    Losses for Scene Geometry and Semantics
+    <https://arxiv.org/abs/1705.07115>`_, CVPR 2018.
+  """
+  init, step = _uncertainty_method(num_tasks, learning_rate, task_types,
+                                   init_log_vars, optimizer)
+  return scalarized(init, step, method="uncertainty_loss",
+                    num_tasks=num_tasks, reduction=reduction)

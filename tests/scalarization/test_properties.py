@@ -32,7 +32,8 @@ from stacked_trees import NUM_PARAMS, PARAMS, flat, random_grads, to_tree
     hnp.arrays(np.float64, (3, NUM_PARAMS), elements=st.floats(-5, 5)),
     hnp.arrays(np.float64, (3, 3), elements=st.floats(0.1, 10)),
     st.permutations(range(3)),
-    st.sampled_from(["uncertainty", "dwa", "famo"]))
+    st.sampled_from(["uncertainty", "dwa", "famo", "imtl_l", "stch",
+                     "geometric_mean"]))
 def test_loss_weightings_permutation_equivariant(g, losses, perm, method):
   perm = np.asarray(perm)
   update = LOSS_UPDATES[method]
@@ -60,12 +61,20 @@ LOSS_UPDATES = {
                                                      learning_rate=0.3)),
     "dwa": _three_steps(lambda: po.dwa(num_tasks=3, period=1)),
     "famo": _three_steps(lambda: po.famo(num_tasks=3, learning_rate=0.5)),
+    # Issue 13 (loss level); COSMOS and PBI: test_cosmos_and_pbi.py.
+    "imtl_l": _three_steps(lambda: po.imtl_l(num_tasks=3,
+                                             learning_rate=0.3)),
+    "stch": _three_steps(lambda: po.stch(num_tasks=3, warmup_steps=1,
+                                         mu=0.5)),
+    "geometric_mean": _three_steps(po.geometric_mean),
 }
 
 
 @pytest.mark.parametrize("make", [
     lambda: po.uncertainty(num_tasks=3), lambda: po.dwa(num_tasks=3),
-    lambda: po.famo(num_tasks=3)], ids=["uncertainty", "dwa", "famo"])
+    lambda: po.famo(num_tasks=3), lambda: po.imtl_l(num_tasks=3),
+    lambda: po.stch(num_tasks=3, warmup_steps=1)],
+    ids=["uncertainty", "dwa", "famo", "imtl_l", "stch"])
 def test_loss_based_need_losses_at_trace_time(make):
   tx = make()
   grads, state = to_tree(random_grads(3, 0)), tx.init(PARAMS)
