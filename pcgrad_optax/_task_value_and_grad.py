@@ -150,12 +150,16 @@ def _nnx_losses_and_vjp(nnx, loss_fn, argnums_t, filters, node_args,
   check_task_losses(losses, caller)
   nnx.update(nodes, new_state)
 
+  def node_grads(diff_ct, n):
+    grads = diff_ct.raw_mapping.get(n, {})
+    # A module's gradients are an nnx.State, a bare Variable's a Variable.
+    return nnx.State(grads) if isinstance(grads, dict) else grads
+
   def vjp_fn(cotangent):
     diff_ct, *plain_ct = pullback(cotangent)
     plain_ct = iter(plain_ct)
-    return tuple(
-        nnx.State(diff_ct.raw_mapping.get(position[a], {}))
-        if a in position else next(plain_ct) for a in argnums_t)
+    return tuple(node_grads(diff_ct, position[a]) if a in position
+                 else next(plain_ct) for a in argnums_t)
 
   return losses, vjp_fn, aux
 

@@ -294,6 +294,17 @@ def test_nnx_diff_state_aux_argnums_and_eager():
   assert int(model.calls[...]) == 3
 
 
+def test_nnx_bare_variable_like_nnx_grad():
+  nnx = _nnx()
+  param = nnx.Param(jnp.array([1.0, 2.0]))
+  losses, grads = po.task_value_and_grad(
+      lambda v: jnp.stack([jnp.sum(v[...] ** 2), jnp.sum(v[...])]))(param)
+  ref = nnx.grad(lambda v: jnp.sum(v[...] ** 2))(param)
+  assert type(grads) is type(ref)
+  np.testing.assert_allclose(grads[...], [[2.0, 4.0], [1.0, 1.0]])
+  np.testing.assert_allclose(losses, [5.0, 3.0])
+
+
 def test_nnx_diff_state_on_a_plain_argument_rejected():
   nnx = _nnx()
   with pytest.raises(ValueError, match="DiffState"):
