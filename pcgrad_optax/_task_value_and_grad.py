@@ -65,26 +65,21 @@ def losses_and_vjp(loss_fn: Callable[..., Any],
           f"{caller}: argnums={argnums} but only {len(args)} positional "
           "arguments were given.")
   nnx = sys.modules.get("flax.nnx")
-  is_node = (lambda x: False) if nnx is None else nnx.graphlib.is_graph_node
-  node_args = [i for i, a in enumerate(args) if is_node(a)]
-  node_kwargs = [k for k, v in kwargs.items() if is_node(v)]
-  for a, filt in entries:
-    if filt is not None and a not in node_args:
-      raise ValueError(
-          f"{caller}: argnums has nnx.DiffState({a}, ...) but argument {a} "
-          f"is a {type(args[a]).__name__}, not an NNX graph node.")
-  if not node_args and not node_kwargs:
-    return _plain_losses_and_vjp(loss_fn, tuple(a for a, _ in entries),
-                                 has_aux, args, kwargs, caller)
-  filters = {}
-  for a, filt in entries:
-    if a in filters and a in node_args:
-      raise ValueError(f"{caller}: argnum {a} (an NNX graph node) is "
-                       "repeated in argnums.")
-    filters[a] = filt
-  return _nnx_losses_and_vjp(nnx, loss_fn, [a for a, _ in entries], filters,
-                             node_args, node_kwargs, has_aux, args, kwargs,
-                             caller)
+  if nnx is not None:
+    is_node = nnx.graphlib.is_graph_node
+    has_node = [any(map(is_node, jax.tree.leaves(a, is_leaf=is_node)))
+                for a in args]
+    for a, filt in entries:
+      if filt is not None and not has_node[a]:
+        raise ValueError(
+            f"{caller}: argnums has nnx.DiffState({a}, ...) but argument {a} "
+            f"({type(args[a]).__name__}) holds no NNX graph node.")
+    if any(has_node) or any(map(is_node, jax.tree.leaves(
+        kwargs, is_leaf=is_node))):
+      return _nnx_losses_and_vjp(nnx, loss_fn, entries, has_aux, args,
+                                 kwargs, caller)
+  return _plain_losses_and_vjp(loss_fn, tuple(a for a, _ in entries),
+                               has_aux, args, kwargs, caller)
 
 
 def _plain_losses_and_vjp(loss_fn, argnums_t, has_aux, args, kwargs, caller):
@@ -105,48 +100,64 @@ def _plain_losses_and_vjp(loss_fn, argnums_t, has_aux, args, kwargs, caller):
   return losses, vjp_fn, aux
 
 
-def _nnx_losses_and_vjp(nnx, loss_fn, argnums_t, filters, node_args,
-                        node_kwargs, has_aux, args, kwargs, caller):
+def _nnx_losses_and_vjp(nnx, loss_fn, entries, has_aux, args, kwargs,
+                        caller):
   """``losses_and_vjp`` with NNX graph nodes among the arguments.
 
-  All graph nodes are split together (shared Variables stay shared); the
-  differentiated Variables are the VJP's primals, the rest is closed over.
-  The forward pass returns the nodes' state after the call as VJP aux, so
-  it is computed once, and is written back with ``nnx.update``.
+  Every graph node in the arguments (top level or inside containers) is
+  split out, all together (shared Variables stay shared): the Variables the
+  filters select in the differentiated arguments are the VJP's primals with
+  the other leaves of those arguments, the rest is closed over. The forward
+  pass returns the nodes' state after the call as VJP aux, so it is computed
+  once, and it is written back with ``nnx.update``.
   """
-  nodes = tuple(args[i] for i in node_args) + tuple(
-      kwargs[k] for k in node_kwargs)
-  position = {a: n for n, a in enumerate(node_args)}
-
-  def predicate(a):
-    if a not in filters:                 # a graph node not differentiated
-      return lambda path, value: False
-    return nnx.filterlib.to_predicate(
-        nnx.Param if filters[a] is None else filters[a])
-
-  predicates = [predicate(a) for a in node_args + [None] * len(node_kwargs)]
+  is_node = nnx.graphlib.is_graph_node
+  filters = {}
+  for a, filt in entries:
+    if a in filters:
+      raise ValueError(f"{caller}: argnum {a} is repeated in argnums.")
+    filters[a] = nnx.Param if filt is None else filt
+  argnums_t = tuple(filters)
+  flat_args = [jax.tree.flatten(a, is_leaf=is_node) for a in args]
+  flat_kwargs, kwargs_def = jax.tree.flatten(kwargs, is_leaf=is_node)
+  nodes, owners, node_ids = [], [], []   # node_ids[i]: arg i's nodes' places
+  for i, (leaves, _) in enumerate(flat_args):
+    node_ids.append([])
+    for leaf in filter(is_node, leaves):
+      node_ids[i].append(len(nodes))
+      nodes.append(leaf)
+      owners.append(i)
+  nodes += filter(is_node, flat_kwargs)
+  owners += [None] * (len(nodes) - len(owners))       # keyword arguments
+  nodes = tuple(nodes)
+  nothing = lambda path, value: False
+  predicates = [nnx.filterlib.to_predicate(filters[o]) if o in filters
+                else nothing for o in owners]
 
   def differentiated(path, value):     # path[0]: the node's place in `nodes`
     return predicates[path[0]](path[1:], value)
 
   graphdef, diff_state, rest_state = nnx.split(nodes, differentiated, ...)
-  plain = tuple(a for a in argnums_t if a not in position)
+  plain_primals = tuple(
+      [leaf for leaf in flat_args[a][0] if not is_node(leaf)]
+      for a in argnums_t)
 
   def partial_fn(diff, *plain_values):
-    inner = nnx.merge(graphdef, diff, rest_state, copy=True)
-    full, full_kwargs = list(args), dict(kwargs)
-    for i, node in zip(node_args, inner):
-      full[i] = node
-    for k, node in zip(node_kwargs, inner[len(node_args):]):
-      full_kwargs[k] = node
-    for a, v in zip(plain, plain_values):
-      full[a] = v
+    merged = nnx.merge(graphdef, diff, rest_state, copy=True)
+    inner = iter(merged)
+    plain = dict(zip(argnums_t, map(iter, plain_values)))
+    full = [treedef.unflatten([
+        next(inner) if is_node(leaf) else next(plain[i]) if i in plain
+        else leaf for leaf in leaves])
+            for i, (leaves, treedef) in enumerate(flat_args)]
+    full_kwargs = kwargs_def.unflatten([
+        next(inner) if is_node(leaf) else leaf for leaf in flat_kwargs])
     out = loss_fn(*full, **full_kwargs)
     losses, aux = out if has_aux else (out, None)
-    return losses, (aux, nnx.state(inner))
+    return losses, (aux, nnx.state(merged))
 
   losses, pullback, (aux, new_state) = jax.vjp(
-      partial_fn, diff_state, *(args[a] for a in plain), has_aux=True)
+      partial_fn, diff_state, *plain_primals, has_aux=True)
   check_task_losses(losses, caller)
   nnx.update(nodes, new_state)
 
@@ -156,10 +167,15 @@ def _nnx_losses_and_vjp(nnx, loss_fn, argnums_t, filters, node_args,
     return nnx.State(grads) if isinstance(grads, dict) else grads
 
   def vjp_fn(cotangent):
-    diff_ct, *plain_ct = pullback(cotangent)
-    plain_ct = iter(plain_ct)
-    return tuple(node_grads(diff_ct, position[a]) if a in position
-                 else next(plain_ct) for a in argnums_t)
+    diff_ct, *plain_cts = pullback(cotangent)
+    out = []
+    for a, plain_ct in zip(argnums_t, plain_cts):
+      leaves, treedef = flat_args[a]
+      ids, plain_ct = iter(node_ids[a]), iter(plain_ct)
+      out.append(treedef.unflatten([
+          node_grads(diff_ct, next(ids)) if is_node(leaf)
+          else next(plain_ct) for leaf in leaves]))
+    return tuple(out)
 
   return losses, vjp_fn, aux
 
@@ -200,9 +216,10 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
   wrt=nnx.Param).update(model, grads)``. The forward pass runs once, so every
   other state change it makes (``BatchStat``, RNG counts, any
   ``nnx.Variable``, of every graph-node argument, positional or keyword) is
-  written back to the modules once, not once per task. Graph nodes nested
-  inside other containers are treated as plain pytrees (their state changes
-  are not written back).
+  written back to the modules once, not once per task. Graph nodes inside
+  containers (a dict or tuple of modules) are handled the same way, and a
+  differentiated container's gradients mirror it, with an ``nnx.State`` in
+  place of each module.
 
   Args:
     loss_fn: function returning a ``(T,)`` array (or ``((T,), aux)`` with

@@ -294,6 +294,31 @@ def test_nnx_diff_state_aux_argnums_and_eager():
   assert int(model.calls[...]) == 3
 
 
+def test_nnx_modules_inside_containers():
+  # A dict of two models and an array: the grads mirror the dict (an
+  # nnx.State per model, the array's stacked gradient), and both models'
+  # state moves once, as one forward pass of each would move it.
+  nnx = _nnx()
+  make = _make_model(seed=7)
+  pair, once = {"a": make(2), "b": make(2)}, {"a": make(2), "b": make(2)}
+  x, y = _batch(2)
+
+  def losses_fn(models, x, y):
+    h = models["a"](x) + models["b"](x) * models["w"]
+    return jnp.mean((h - y) ** 2, axis=0)
+
+  w = jnp.float32(0.5)
+  losses, grads = nnx.jit(po.task_value_and_grad(losses_fn))(
+      {**pair, "w": w}, x, y)
+  ref_losses = losses_fn({**once, "w": w}, x, y)      # moves `once` once
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-6)
+  assert set(grads) == {"a", "b", "w"}
+  assert isinstance(grads["a"], nnx.State) and grads["w"].shape == (2,)
+  for name in ("a", "b"):
+    _assert_states_equal(pair[name], once[name])
+  assert int(pair["a"].calls[...]) == 1
+
+
 def test_nnx_bare_variable_like_nnx_grad():
   nnx = _nnx()
   param = nnx.Param(jnp.array([1.0, 2.0]))
