@@ -117,8 +117,8 @@ def _mismatch(mask: PyTree, stacked: PyTree) -> str:
   for m in mask_paths:
     if any(g[:len(m)] == m for g in grad_paths):
       continue
-    k = max(n for n in range(len(m)) if any(g[:n] == m[:n]
-                                            for g in grad_paths))
+    k = max((n for n in range(len(m))
+             if any(g[:n] == m[:n] for g in grad_paths)), default=0)
     if m[:k] in grad_paths:
       problems.append(f"mask key '{_name(m)}' goes below the gradient leaf "
                       f"'{_name(m[:k])}'")
@@ -134,8 +134,8 @@ def _mismatch(mask: PyTree, stacked: PyTree) -> str:
   for g in grad_paths:
     if any(g[:len(m)] == m for m in mask_paths):
       continue
-    k = max(n for n in range(len(g)) if any(m[:n] == g[:n]
-                                            for m in mask_paths))
+    k = max((n for n in range(len(g))
+             if any(m[:n] == g[:n] for m in mask_paths)), default=0)
     if _name(g[:k + 1]) not in missing:
       missing.append(_name(g[:k + 1]))
   if missing:

@@ -141,7 +141,11 @@ def _dict_grads():
      ["no mask entry for the gradients at 'trunk/bias'"]),
     ({"trunk": True, "head": False, "extra": True},
      ["mask key 'extra' matches no gradient", "head, trunk"]),
-], ids=["typo", "inner_typo", "missing", "inner_missing", "extra"])
+    ({}, ["no mask entry for the gradients at 'head', 'trunk'"]),
+    ({"trunk": True, "head": {"kernel": {"x": True}, "bias": False}},
+     ["mask key 'head/kernel/x'"]),
+], ids=["typo", "inner_typo", "missing", "inner_missing", "extra", "empty",
+        "too_deep"])
 def test_mask_error_names_the_key(grads, mask, parts):
   # The error names the key path that matched nothing (and the keys there)
   # or the gradients left without an entry, for an nnx.State as for a dict,
