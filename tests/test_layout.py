@@ -219,6 +219,21 @@ def test_wheel_holds_py_typed_license_and_bounds(tmp_path):
                      re.M | re.I), (name, version)
 
 
+def test_lower_bounds_are_the_versions_the_suite_ran_on():
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  bounds = _lower_bounds()
+  text = (ROOT / "CONTRIBUTING.md").read_text()
+  section = text.split("## Oldest supported versions", 1)[1].split("\n## ")[0]
+  recorded = {k.lower(): v for k, v in _RECORDED.findall(section)}
+  python = recorded.pop("python")
+  assert bounds == recorded, "pyproject's lower bounds != the tested ones"
+  assert _pyproject()["project"]["requires-python"] == ">=" + python
+  for name, version in bounds.items():         # this environment meets them
+    installed = tuple(int(x) for x in re.findall(r"\d+", metadata.version(
+        name))[:3])
+    assert installed >= tuple(int(x) for x in version.split(".")), name
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_committed_with_its_outputs(path):
   # GitHub and Colab show the committed outputs; the test suite still runs
