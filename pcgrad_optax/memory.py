@@ -60,6 +60,7 @@ from pcgrad_optax._core.mesh import vary_like
 from pcgrad_optax._core.stacked import accumulation_dtype, check_reduction
 from pcgrad_optax._task_value_and_grad import check_task_losses
 from pcgrad_optax._task_value_and_grad import losses_and_vjp
+from pcgrad_optax._task_value_and_grad import single_argnum
 
 PyTree = Any
 
@@ -128,7 +129,7 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
            [-1, -1]], dtype=bfloat16)
   """
   _check_chunk(tasks_per_chunk)
-  single = isinstance(argnums, int)
+  single = single_argnum(argnums)
 
   def wrapped(*args, **kwargs):
     losses, vjp_fn, aux = losses_and_vjp(

@@ -13,9 +13,13 @@ from __future__ import annotations
 import ast
 import importlib
 import importlib.util
+import json
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -162,3 +166,105 @@ def test_imports_without_docstrings():
   # python -OO strips docstrings; the factories fill theirs in at import.
   subprocess.run([sys.executable, "-OO", "-c", "import pcgrad_optax"],
                  check=True, timeout=120)
+
+
+# --- Packaging: py.typed, the license, tested lower bounds, notebooks ---
+
+ROOT = PACKAGE.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+# The oldest versions: pyproject's lower bounds and CONTRIBUTING.md's record
+# of the test-suite run on them must name the same versions.
+_BOUND = re.compile(r"^([A-Za-z0-9_.-]+)>=([0-9][0-9.]*)$")
+_RECORDED = re.compile(
+    r"^\|\s*`?([A-Za-z0-9_.-]+)`?\s*\|\s*([0-9][0-9.]*)\s*\|", re.M)
+
+
+def _pyproject():
+  import tomllib  # pylint: disable=g-import-not-at-top
+  return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _lower_bounds():
+  bounds = {}
+  for requirement in _pyproject()["project"]["dependencies"]:
+    match = _BOUND.match(requirement.replace(" ", ""))
+    assert match, f"dependency {requirement!r} has no plain >= lower bound"
+    bounds[match.group(1).lower()] = match.group(2)
+  return bounds
+
+
+def test_ships_py_typed_and_the_apache_license():
+  assert (PACKAGE / "py.typed").is_file()
+  config = _pyproject()
+  assert config["project"]["license"] == "Apache-2.0"
+  assert config["project"]["license-files"] == ["LICENSE"]
+  package_data = config["tool"]["setuptools"]["package-data"]
+  assert "py.typed" in package_data["pcgrad_optax"]
+  text = (ROOT / "LICENSE").read_text()
+  for part in ("Apache License", "Version 2.0, January 2004",
+               "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION",
+               "9. Accepting Warranty or Additional Liability.",
+               "END OF TERMS AND CONDITIONS"):
+    assert part in text
+  assert len(text.splitlines()) >= 200      # the whole text, not a header
+
+
+def test_wheel_holds_py_typed_license_and_bounds(tmp_path):
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  major, minor = (int(x) for x in metadata.version("setuptools").split(".")[:2])
+  if (major, minor) < (77, 0):
+    pytest.skip("building the wheel needs setuptools>=77 (the test extra)")
+  src = tmp_path / "src"
+  src.mkdir()
+  for name in ("pyproject.toml", "README.md", "LICENSE"):
+    shutil.copy(ROOT / name, src / name)
+  shutil.copytree(PACKAGE, src / "pcgrad_optax",
+                  ignore=shutil.ignore_patterns("__pycache__"))
+  out = subprocess.run(
+      [sys.executable, "-c", "import sys, setuptools.build_meta as b; "
+       "print(b.build_wheel(sys.argv[1]))", str(tmp_path / "dist")],
+      cwd=src, check=True, capture_output=True, text=True, timeout=300)
+  wheel = tmp_path / "dist" / out.stdout.strip().splitlines()[-1]
+  with zipfile.ZipFile(wheel) as z:
+    names = z.namelist()
+    meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
+  assert "pcgrad_optax/py.typed" in names
+  assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+  meta = meta.decode()
+  assert "License-Expression: Apache-2.0" in meta
+  for name, version in _lower_bounds().items():
+    assert re.search(rf"^Requires-Dist: {re.escape(name)}>={version}$", meta,
+                     re.M | re.I), (name, version)
+
+
+def test_lower_bounds_are_the_versions_the_suite_ran_on():
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  bounds = _lower_bounds()
+  text = (ROOT / "CONTRIBUTING.md").read_text()
+  section = text.split("## Oldest supported versions", 1)[1].split("\n## ")[0]
+  recorded = {k.lower(): v for k, v in _RECORDED.findall(section)}
+  python = recorded.pop("python")
+  assert bounds == recorded, "pyproject's lower bounds != the tested ones"
+  assert _pyproject()["project"]["requires-python"] == ">=" + python
+  for name, version in bounds.items():         # this environment meets them
+    installed = tuple(int(x) for x in re.findall(r"\d+", metadata.version(
+        name))[:3])
+    assert installed >= tuple(int(x) for x in version.split(".")), name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_committed_with_its_outputs(path):
+  # GitHub and Colab show the committed outputs; the test suite still runs
+  # every notebook (--nbmake). Outputs: every code cell run once, in order,
+  # no errors, at least one plot, no local paths, under 1 MB.
+  notebook = json.loads(path.read_text())
+  code = [c for c in notebook["cells"] if c["cell_type"] == "code"]
+  assert [c["execution_count"] for c in code] == list(
+      range(1, len(code) + 1)), "not executed top to bottom"
+  outputs = [o for c in code for o in c["outputs"]]
+  assert not [o for o in outputs if o["output_type"] == "error"]
+  assert [o for o in outputs if "image/png" in o.get("data", {})]
+  text = path.read_text()
+  for local in ("/work/", "/home/", "/tmp/", "/root/", "site-packages"):
+    assert local not in text, f"{path.name} shows a local path ({local})"
+  assert path.stat().st_size < 1_000_000

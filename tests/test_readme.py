@@ -16,6 +16,23 @@ def test_readme_example_runs():
   assert updates["heads"].shape == (2, 16)
 
 
+def test_readme_nnx_example_runs():
+  # The "Flax NNX" section trains with nnx.Optimizer; its batch statistics
+  # and dropout RNG count move once per step, as with nnx.value_and_grad.
+  section = README.read_text().split("## Flax NNX", 1)[1].split("\n## ", 1)[0]
+  blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+  assert len(blocks) == 1, "the Flax NNX section has one python example"
+  namespace = {}
+  exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
+  model, optimizer = namespace["model"], namespace["optimizer"]
+  steps = int(optimizer.step[...])
+  assert steps == 5
+  assert int(model.drop.rngs.count[...]) == steps
+  assert float(abs(model.bn.mean[...]).max()) > 0     # the batch stats moved
+  assert namespace["predictions"].shape == (32, 2)
+  assert namespace["losses"].shape == (2,)
+
+
 def test_quickstart_has_exactly_two_commands():
   text = README.read_text()
   section = text.split("## Quickstart", 1)[1]

@@ -13,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import difflib
+
 import jax
 import numpy as np
 
@@ -53,13 +55,12 @@ def shared_leaves(shared: SharedMask, stacked: PyTree,
   try:
     broadcast = jax.tree.map(
         lambda m, sub: jax.tree.map(lambda _: bool(m), sub), mask, stacked)
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError):
     by_path = _mask_by_key_path(mask, stacked)
     if by_path is None:
       raise ValueError(
-          "The `shared` mask's structure does not match the gradients: mask "
-          f"{jax.tree.structure(mask)} vs gradients "
-          f"{jax.tree.structure(stacked)} ({e}).") from None
+          "The `shared` mask's structure does not match the gradients: "
+          f"{_mismatch(mask, stacked)}.") from None
     return by_path
   return jax.tree.leaves(broadcast)
 
@@ -91,3 +92,56 @@ def _mask_by_key_path(mask: PyTree, stacked: PyTree) -> list[bool] | None:
     used.add(prefix)
     out.append(entries[prefix])
   return out if used == set(entries) else None
+
+
+def _paths(tree: PyTree) -> list[tuple]:
+  return [tuple(map(_key_name, path))
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _name(keys: tuple) -> str:
+  return "/".join(map(str, keys)) or "<root>"
+
+
+def _mismatch(mask: PyTree, stacked: PyTree) -> str:
+  """Which mask keys match no gradient and which gradients have no entry.
+
+  Compares key paths (so a plain dict mask and an ``nnx.State`` of gradients
+  are compared by their keys): a mask entry whose path leads to no gradient
+  leaf is named with the keys available at the level where it went wrong
+  (and the closest one, for a typo); a gradient leaf that no mask entry
+  covers is named by its shortest path below the mask.
+  """
+  mask_paths, grad_paths = _paths(mask), _paths(stacked)
+  problems = []
+  for m in mask_paths:
+    if any(g[:len(m)] == m for g in grad_paths):
+      continue
+    k = max((n for n in range(len(m))
+             if any(g[:n] == m[:n] for g in grad_paths)), default=0)
+    if m[:k] in grad_paths:
+      problems.append(f"mask key '{_name(m)}' goes below the gradient leaf "
+                      f"'{_name(m[:k])}'")
+      continue
+    there = sorted({str(g[k]) for g in grad_paths
+                    if g[:k] == m[:k] and len(g) > k})
+    close = difflib.get_close_matches(str(m[k]), there, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    problems.append(
+        f"mask key '{_name(m[:k + 1])}' matches no gradient (keys at "
+        f"'{_name(m[:k])}': {', '.join(there)}{hint})")
+  missing = []
+  for g in grad_paths:
+    if any(g[:len(m)] == m for m in mask_paths):
+      continue
+    k = max((n for n in range(len(g))
+             if any(m[:n] == g[:n] for m in mask_paths)), default=0)
+    if _name(g[:k + 1]) not in missing:
+      missing.append(_name(g[:k + 1]))
+  if missing:
+    problems.append("no mask entry for the gradients at "
+                    + ", ".join(f"'{n}'" for n in missing))
+  if not problems:       # same key paths, containers that cannot be matched
+    problems.append(f"mask {jax.tree.structure(mask)} vs gradients "
+                    f"{jax.tree.structure(stacked)}")
+  return "; ".join(problems)

@@ -106,3 +106,57 @@ def test_plain_dict_mask_for_nnx_state():
               {"trunk": {"kernel": True}, "head": False}):
     with pytest.raises(ValueError, match=has_all("mask", "structure")):
       po.gram_matrix(grads, shared=bad)
+
+
+def _nnx_grads():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class Model(nnx.Module):
+
+    def __init__(self, rngs):
+      self.trunk = nnx.Linear(3, 4, rngs=rngs)
+      self.head = nnx.Linear(4, 2, rngs=rngs)
+
+  _, params = nnx.split(Model(nnx.Rngs(0)), nnx.Param)
+  return jax.tree.map(lambda p: jnp.stack([p, -2 * p, p + 1]), params)
+
+
+def _dict_grads():
+  return {"trunk": {"kernel": jnp.ones((3, 3, 4)), "bias": jnp.ones((3, 4))},
+          "head": {"kernel": jnp.ones((3, 4, 2)), "bias": jnp.ones((3, 2))}}
+
+
+@pytest.mark.parametrize("grads", [_nnx_grads, _dict_grads],
+                         ids=["nnx_state", "dict"])
+@pytest.mark.parametrize("mask,parts", [
+    ({"trunk": True, "haed": False},
+     ["mask key 'haed' matches no gradient", "did you mean 'head'",
+      "no mask entry for the gradients at 'head'"]),
+    ({"trunk": {"kernal": True, "bias": True}, "head": False},
+     ["mask key 'trunk/kernal' matches no gradient", "did you mean 'kernel'",
+      "'trunk/kernel'"]),
+    ({"trunk": True},
+     ["no mask entry for the gradients at 'head'"]),
+    ({"trunk": {"kernel": True}, "head": False},
+     ["no mask entry for the gradients at 'trunk/bias'"]),
+    ({"trunk": True, "head": False, "extra": True},
+     ["mask key 'extra' matches no gradient", "head, trunk"]),
+    ({}, ["no mask entry for the gradients at 'head', 'trunk'"]),
+    ({"trunk": True, "head": {"kernel": {"x": True}, "bias": False}},
+     ["mask key 'head/kernel/x'"]),
+], ids=["typo", "inner_typo", "missing", "inner_missing", "extra", "empty",
+        "too_deep"])
+def test_mask_error_names_the_key(grads, mask, parts):
+  # The error names the key path that matched nothing (and the keys there)
+  # or the gradients left without an entry, for an nnx.State as for a dict,
+  # at trace time, without dumping the trees' PyTreeDefs.
+  grads = grads()
+  tx = po.pcgrad(shared=mask)
+  state = tx.init(jax.tree.map(lambda g: g[0], grads))
+  for fn in (lambda g: po.gram_matrix(g, shared=mask),
+             lambda g: po.gram_matrix(g, shared=lambda p: mask),
+             lambda g: tx.update(g, state)):
+    with pytest.raises(ValueError,
+                       match=has_all("mask", "structure", *parts)) as info:
+      traced(fn, grads)
+    assert "PyTreeDef" not in str(info.value)
