@@ -1,10 +1,11 @@
 """How the core sees arrays on a device mesh.
 
 Under explicit mesh axes a contraction over a sharded axis must name its
-output sharding (:func:`explicit_spec` tells whether a leaf is sharded so,
-:func:`on_mesh_of` names a sharding on the leaf's own mesh, which works with
-or without ``jax.set_mesh``); inside ``jax.shard_map`` values fed to a loop carry or a VJP must vary over
-the same manual axes as the values they meet (:func:`vary_like`).
+output sharding: :func:`explicit_spec` tells whether a leaf is sharded so,
+and :func:`on_mesh_of` names the output's sharding on the leaf's own mesh,
+which works with or without ``jax.set_mesh``. Inside ``jax.shard_map``
+values fed to a loop carry or a VJP must vary over the same manual axes as
+the values they meet (:func:`vary_like`).
 """
 
 from __future__ import annotations
