@@ -121,22 +121,38 @@ def check_checkpoint(path: str, tree) -> None:
       np.testing.assert_array_equal(np.asarray(sa.data), np.asarray(sb.data))
 
 
-def main(process_id: int, port: int, out: str, ckpt: str) -> None:
+def gloo_missing() -> str | None:
+  """Why this jax cannot run CPU collectives over gloo, or None."""
   import jax
   try:
-    from jax._src.lib import _jax
-    has_gloo = hasattr(_jax, "make_gloo_tcp_collectives")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  except Exception as e:  # noqa: BLE001  (an older or newer jax)
-    has_gloo, why = False, f"{type(e).__name__}: {e}"
-  else:
-    why = "jaxlib has no make_gloo_tcp_collectives"
-  if not has_gloo:
+  except Exception as e:  # noqa: BLE001  (no such option in this jax)
+    return f"{type(e).__name__}: {e}"
+  try:
+    from jax._src.lib import _jax   # private: a hint where it exists
+  except ImportError:
+    return None                     # jax.devices() below will tell
+  if not hasattr(_jax, "make_gloo_tcp_collectives"):
+    return "this jaxlib was built without gloo TCP collectives"
+  return None
+
+
+def main(process_id: int, port: int, out: str, ckpt: str) -> None:
+  import jax
+  why = gloo_missing()
+  if why is None:
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
+                               num_processes=2, process_id=process_id,
+                               initialization_timeout=60)
+    try:
+      jax.devices()   # the CPU client and its gloo collectives start here
+    except Exception as e:  # noqa: BLE001
+      if "gloo" not in str(e).lower():
+        raise
+      why = f"{type(e).__name__}: {e}"
+  if why is not None:
     print(f"gloo unavailable: {why}", file=sys.stderr)
     sys.exit(GLOO_UNAVAILABLE)
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                             num_processes=2, process_id=process_id,
-                             initialization_timeout=60)
 
   import optax
   from jax.experimental import multihost_utils
