@@ -143,7 +143,8 @@ def main(process_id: int, port: int, out: str, ckpt: str) -> None:
   if why is None:
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
                                num_processes=2, process_id=process_id,
-                               initialization_timeout=60)
+                               initialization_timeout=60,
+                               shutdown_timeout_seconds=30)
     try:
       jax.devices()   # the CPU client and its gloo collectives start here
     except Exception as e:  # noqa: BLE001
