@@ -98,8 +98,12 @@ The recipe, run identically in every process::
     params, state = train_step(params, state, x, y)   # the jit of section 1
 
 Each process loads only its own rows (its part of the global batch);
-``jax.make_array_from_process_local_data`` makes the parts one global array, so ``train_step``'s loss averages over the global
-batch and the per-task gradients are the full-batch ones, as on one device.
+``jax.make_array_from_process_local_data`` makes the parts one global
+array, so ``train_step``'s loss averages over the global batch and the
+per-task gradients are the full-batch ones, as on one device. (With
+explicit axes an FSDP model gathers each weight where it uses it,
+``jax.sharding.reshard(w, NamedSharding(mesh, P()))``; the transpose
+reduce-scatters its gradient back.)
 For section 3 use ``jax.shard_map`` over the same mesh with
 :func:`task_value_and_grad` as shown there. Enter ``jax.set_mesh(mesh)``
 around init and the steps when in doubt: the transformations do not need it,
