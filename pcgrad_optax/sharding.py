@@ -1,14 +1,16 @@
 r"""Running the aggregators on many devices with JAX's own SPMD.
 
 There are three layouts, and each has one right way to handle the stacked
-per-task gradients.
+per-task gradients; all three work unchanged across several processes
+(multi-host, section 4).
 
 **1. ``jax.jit`` over a ``Mesh`` (the recommended route).** Shard the params
 as usual (FSDP: every param split on a feature axis; tensor parallel: the
 Megatron column/row split; data parallel: params replicated and the batch
 split) and call the transformations unchanged, with explicit axes
-(``jax.make_mesh(..., axis_types=(AxisType.Explicit, ...))`` and
-``jax.set_mesh``) or auto axes::
+(``jax.make_mesh``'s default), under ``jax.set_mesh`` or without it (arrays
+placed with ``jax.device_put(x, NamedSharding(mesh, spec))``), or with auto
+axes::
 
   mesh = jax.make_mesh((2, 4), ("data", "model"),
                        axis_types=(AxisType.Explicit,) * 2)
@@ -64,6 +66,69 @@ the updates after it. Data and model parallelism together::
   per-task gradients, and the mean of those projections is neither PCGrad on
   the full batch nor PCGrad on any batch. Average first; this module's
   helpers do.
+
+**4. Several processes (multi-host: TPU pods, multi-node GPU).** JAX's
+multi-controller runtime runs the same program in every process, each
+driving its own devices; a mesh over all processes' devices makes the
+layouts above span hosts, and nothing in this package changes (the Gram
+all-reduce of ``T x T`` numbers then crosses hosts like any collective).
+The recipe, run identically in every process::
+
+  import jax, optax, pcgrad_optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  jax.distributed.initialize()   # TPU pods, SLURM, ...: found by itself;
+  # elsewhere jax.distributed.initialize(coordinator_address="host0:1234",
+  #     num_processes=N, process_id=i); CPU processes first need
+  # jax.config.update("jax_cpu_collectives_implementation", "gloo").
+
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))  # ALL devices
+  specs = {"w1": P("data", None), "b1": P("data"), ...}   # FSDP, say
+  params = jax.tree.map(        # every process holds the same init values
+      lambda a, s: jax.make_array_from_callback(
+          a.shape, NamedSharding(mesh, s), lambda idx: a[idx]),
+      init_params, specs)
+  tx = optax.chain(pcgrad_optax.pcgrad(0), optax.adam(1e-3))  # same seed
+  state = tx.init(params)     # everywhere, so the same task orders
+
+  rows = NamedSharding(mesh, P("data"))     # the batch split over "data"
+  for x_mine, y_mine in my_loader:  # this process's rows: global batch / N
+    x = jax.make_array_from_process_local_data(rows, x_mine)
+    y = jax.make_array_from_process_local_data(rows, y_mine)
+    params, state = train_step(params, state, x, y)   # the jit of section 1
+
+Each process loads only its own rows (its part of the global batch);
+``jax.make_array_from_process_local_data`` makes the parts one global
+array, so ``train_step``'s loss averages over the global batch and the
+per-task gradients are the full-batch ones, as on one device. (With
+explicit axes an FSDP model gathers each weight where it uses it,
+``jax.sharding.reshard(w, NamedSharding(mesh, P()))``; the transpose
+reduce-scatters its gradient back.)
+For section 3 use ``jax.shard_map`` over the same mesh with
+:func:`task_value_and_grad` as shown there. Enter ``jax.set_mesh(mesh)``
+around init and the steps when in doubt: the transformations do not need it,
+but some JAX operations on fully replicated explicit-axis arrays do (in jax
+0.10 a ``jit`` of ``jnp.zeros_like`` of them, as in ``optax.adam``'s init).
+
+Checkpoint with `orbax <https://orbax.readthedocs.io>`_ from **every
+process**: each writes the shards it holds and the processes synchronise
+inside ``save``, so never guard it with ``if jax.process_index() == 0:``
+(the single-host habit)::
+
+  import orbax.checkpoint as ocp
+
+  tree = {"params": params, "opt_state": state}
+  with ocp.StandardCheckpointer() as checkpointer:  # in every process
+    checkpointer.save(path, tree)     # path: storage all processes share
+    checkpointer.wait_until_finished()
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  with ocp.StandardCheckpointer() as checkpointer:  # every process, too:
+    tree = checkpointer.restore(path, abstract)     # back in its shards
+
+The optimizer state (PRNG keys, EMA targets of ``gradvac``, ...) is saved
+and restored like the params. ``tests/multiprocess/worker.py`` is this
+recipe as tested: two CPU processes on one machine, FSDP and data-parallel
+training, each equal to one process to 1e-7.
 
 Memory: the stacked gradients hold ``T`` copies of the differentiated params
 (sharded like them), so a device holds ``T x`` its share of the params. See

@@ -1,8 +1,11 @@
-"""Scale: multi-device checks (in a child process), memory-lean paths.
+"""Scale: multi-device and multi-process checks (in child processes),
+memory-lean paths.
 
 The multi-device checks live in tests/multidevice/ and need 8 simulated CPU
 devices, which JAX only accepts before it starts; this process already runs
 JAX on one device, so they run in a fresh Python with JAX_NUM_CPU_DEVICES=8.
+The multi-process check runs tests/multiprocess/worker.py as two processes
+joined by jax.distributed (gloo) and compares them with this process.
 The rest of this file checks pcgrad_optax.memory against float64 NumPy
 references built from the formulas, and pcgrad_optax.sharding's validation
 on one device.
@@ -12,8 +15,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
+import time
 
 import hypothesis
 import hypothesis.strategies as st
@@ -58,6 +63,121 @@ def test_multidevice_checks():
         f"multi-device checks failed (exit {proc.returncode}):\n"
         f"{proc.stdout[-30000:]}\n{proc.stderr[-5000:]}", pytrace=False)
   assert " passed" in proc.stdout, proc.stdout[-3000:]
+
+
+# ---------------------------------------------------------------------------
+# Two processes, one 2-device system (jax.distributed on localhost, gloo).
+
+WORKER = os.path.join(TESTS, "multiprocess", "worker.py")
+MULTIPROCESS_TIMEOUT_S = 300   # both workers together, start to finish
+MULTIPROCESS_RTOL = 5e-7       # measured: <= 1.1e-7 (f32, 3 Adam steps)
+
+
+def _load_worker():
+  spec = importlib.util.spec_from_file_location("multiprocess_worker",
+                                                WORKER)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)   # no side effects: main() is guarded
+  return module
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start_workers(tmp_path, attempt: int):
+  """Starts both workers on a free port: (processes, log paths, outputs)."""
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1",
+             PYTHONPATH=os.pathsep.join(
+                 [ROOT] + [p for p in [env.get("PYTHONPATH")] if p]))
+  flags = [f for f in env.get("XLA_FLAGS", "").split()
+           if "force_host_platform_device_count" not in f]
+  env["XLA_FLAGS"] = " ".join(flags + [
+      "--xla_backend_optimization_level=0",
+      "--xla_llvm_disable_expensive_passes=true"])
+  port = _free_port()
+  outs = [tmp_path / f"out{attempt}_{i}.npz" for i in range(2)]
+  logs = [tmp_path / f"log{attempt}_{i}.txt" for i in range(2)]
+  procs = []
+  for i in range(2):
+    with open(logs[i], "w") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, WORKER, str(i), str(port), str(outs[i]),
+           str(tmp_path / f"ckpt{attempt}")],
+          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+  return procs, logs, outs
+
+
+def _wait_or_kill(procs, deadline: float) -> list[int]:
+  """Exit codes; whichever worker fails first gets its peer killed at once
+  (the peer would wait for it until jax.distributed's own timeouts), and
+  both are killed at the deadline (exit codes < 0)."""
+  try:
+    while any(p.poll() is None for p in procs):
+      if any(p.poll() not in (None, 0) for p in procs):
+        break
+      if time.monotonic() > deadline:
+        break
+      time.sleep(0.1)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  return [p.returncode for p in procs]
+
+
+def test_two_processes_equal_one(tmp_path):
+  """FSDP and data-parallel training over two jax.distributed processes
+  (one CPU device each, gloo collectives) equals one process, for pcgrad,
+  mgda (a solver) and gradvac (state: EMA targets and a key)."""
+  worker = _load_worker()
+  want = None
+  for attempt in range(2):
+    started = time.monotonic()
+    procs, logs, outs = _start_workers(tmp_path, attempt)
+    try:
+      if want is None:   # the reference, while the workers start up
+        want = {m: worker.reference(m) for m in worker.METHODS}
+    finally:
+      codes = _wait_or_kill(procs, started + MULTIPROCESS_TIMEOUT_S)
+    logs = [log.read_text() for log in logs]
+    if worker.GLOO_UNAVAILABLE in codes:
+      pytest.skip("jax.distributed on CPU needs gloo collectives, which this "
+                  "jax/jaxlib lacks: " + logs[codes.index(
+                      worker.GLOO_UNAVAILABLE)].strip()[-300:])
+    in_use = any("address already in use" in log.lower() for log in logs)
+    if codes == [0, 0] or not in_use:
+      break       # else: the free port was taken meanwhile; try another
+  if codes != [0, 0]:
+    pytest.fail(
+        f"multi-process workers exited {codes} (negative: killed) after "
+        f"{time.monotonic() - started:.0f}s (limit "
+        f"{MULTIPROCESS_TIMEOUT_S}s):\n" +
+        "\n".join(f"--- process {i} ---\n{log[-6000:]}"
+                  for i, log in enumerate(logs)), pytrace=False)
+  got = [np.load(out) for out in outs]
+  init = worker.init_params()
+  worst = 0.0
+  for method in worker.METHODS:
+    for name, ref in want[method].items():
+      # Training moved the params (the check is not about the start).
+      assert np.max(np.abs(ref - init[name])) > 1e-2 * np.max(np.abs(ref))
+      for layout in worker.LAYOUTS:
+        key = f"{method}/{layout}/{name}"
+        np.testing.assert_array_equal(got[0][key], got[1][key])
+        err = float(np.max(np.abs(got[0][key] - ref)) / np.max(np.abs(ref)))
+        worst = max(worst, err)
+        assert err <= MULTIPROCESS_RTOL, (key, err)
+  # The methods differ from each other: the surgery shows in the result.
+  for a, b in [("pcgrad", "mgda"), ("pcgrad", "gradvac")]:
+    gap = max(float(np.max(np.abs(want[a][n] - want[b][n])))
+              for n in want[a])
+    assert gap > 1e-4, (a, b, gap)
+  print(f"two processes vs one: max relative error {worst:.1e}")
 
 
 # ---------------------------------------------------------------------------

@@ -15,11 +15,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec
 
 from pcgrad_optax._core import cpu
 from pcgrad_optax._core.masks import SharedMask, shared_leaves
-from pcgrad_optax._core.mesh import explicit_spec
+from pcgrad_optax._core.mesh import explicit_spec, on_mesh_of
 from pcgrad_optax._core.stacked import (PyTree, accumulation_dtype,
                                         leaves_accumulation_dtype, num_tasks)
 
@@ -64,12 +63,13 @@ def dot_gram(x: jax.Array) -> jax.Array:
   axes = tuple(range(1, x.ndim))
   # Under explicit mesh axes a contraction over sharded axes must name its
   # output sharding: the (T, T) Gram is replicated (an all-reduce of T*T
-  # numbers, never a gather of the leaf).
+  # numbers, never a gather of the leaf), named on the leaf's own mesh so
+  # that no jax.set_mesh context is needed.
   return lax.dot_general(
       x, x, ((axes, axes), ((), ())),
       precision=lax.Precision.HIGHEST,
       preferred_element_type=accumulation_dtype(x.dtype),
-      out_sharding=PartitionSpec() if explicit_spec(x) else None)
+      out_sharding=on_mesh_of(x) if explicit_spec(x) else None)
 
 
 # XLA:CPU computes a (T, P) x (P, T) contraction with small T and large P

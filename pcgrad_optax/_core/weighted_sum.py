@@ -12,10 +12,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import PartitionSpec
 
 from pcgrad_optax._core import cpu
-from pcgrad_optax._core.mesh import explicit_spec
+from pcgrad_optax._core.mesh import explicit_spec, on_mesh_of
 from pcgrad_optax._core.stacked import PyTree, accumulation_dtype, num_tasks
 
 
@@ -32,7 +31,7 @@ def leaf_weighted_sum(x: jax.Array, weights: jax.Array) -> jax.Array:
   out = lax.dot_general(
       weights.astype(acc), x, (((0,), (0,)), ((), ())),
       precision=lax.Precision.HIGHEST, preferred_element_type=acc,
-      out_sharding=PartitionSpec(*spec[1:]) if spec else None)
+      out_sharding=on_mesh_of(x, *spec[1:]) if spec else None)
   return out.astype(x.dtype)
 
 

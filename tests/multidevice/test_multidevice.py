@@ -9,11 +9,18 @@ Layouts:
   tp:   (data=2, model=4) mesh, Megatron column/row split on "model".
   dp:   1-D mesh of 8, params replicated, the batch split.
   mix:  (data=2, model=4), params split over both axes at once.
-each with explicit axes (jax.set_mesh + AxisType.Explicit) and auto axes.
+each in three modes (MODES):
+  explicit:        AxisType.Explicit under jax.set_mesh;
+  explicit-nomesh: AxisType.Explicit (jax.make_mesh's default) with the
+                   arrays placed by jax.device_put(x, NamedSharding(mesh, s))
+                   and no jax.set_mesh anywhere (shard_map gets mesh=);
+  auto:            AxisType.Auto under jax.set_mesh (and, for the main
+                   transformations, "auto-nomesh": without it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -37,13 +44,17 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import pcgrad_optax  # noqa: E402
 from pcgrad_optax import memory  # noqa: E402
+from pcgrad_optax import recon  # noqa: E402
 from pcgrad_optax import sharding as pgs  # noqa: E402
 from pcgrad_optax._core.aggregate import aggregate  # noqa: E402
 
 T = 4
 RTOL, ATOL = 2e-5, 2e-6
 
-AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+MODES = ("explicit", "explicit-nomesh", "auto")
+AXIS_TYPES = {"explicit": AxisType.Explicit,
+              "explicit-nomesh": AxisType.Explicit,
+              "auto": AxisType.Auto, "auto-nomesh": AxisType.Auto}
 
 PARAM_SHAPES = {"trunk": {"kernel": (16, 64), "bias": (64,)}, "head": (64, 8)}
 MIN_LEAF = 64   # no collective may carry this many numbers
@@ -63,10 +74,30 @@ LAYOUTS = {
 }
 
 
-def make_mesh(layout: str, axis_type: str):
+def make_mesh(layout: str, mode: str):
   shape, names, _ = LAYOUTS[layout]
   return jax.make_mesh(shape, names,
-                       axis_types=(AXIS_TYPES[axis_type],) * len(names))
+                       axis_types=(AXIS_TYPES[mode],) * len(names))
+
+
+def is_explicit(mode: str) -> bool:
+  return mode.startswith("explicit")
+
+
+def uses_set_mesh(mode: str) -> bool:
+  return not mode.endswith("-nomesh")
+
+
+def scope(mesh, mode: str):
+  """jax.set_mesh(mesh), or nothing at all in the "-nomesh" modes."""
+  return jax.set_mesh(mesh) if uses_set_mesh(mode) else contextlib.nullcontext()
+
+
+def shard_map(fn, mesh, mode: str, **kwargs):
+  """jax.shard_map over the context mesh, or over mesh= without one."""
+  if not uses_set_mesh(mode):
+    kwargs["mesh"] = mesh
+  return jax.shard_map(fn, **kwargs)
 
 
 def is_spec(x):
@@ -182,16 +213,16 @@ def reference(names: tuple[str, ...]):
   return jax.jit(one_update(txs, extras))(grads, states, params)
 
 
-def check_transforms(names: tuple[str, ...], layout: str, axis_type: str):
+def check_transforms(names: tuple[str, ...], layout: str, mode: str):
   """Sharded == one device, updates keep the params' sharding, and no
   collective moves a whole leaf."""
   want = reference(names)
   built = {n: build(n) for n in names}
   extras = {n: extra for n, (_, extra) in built.items()}
   params_np, grads_np = transform_data()
-  mesh = make_mesh(layout, axis_type)
+  mesh = make_mesh(layout, mode)
   specs = LAYOUTS[layout][2]
-  with jax.set_mesh(mesh):
+  with scope(mesh, mode):
     params = put(params_np, mesh, specs)
     grads = put(grads_np, mesh, specs, stacked=True)
     txs = {n: make() for n, (make, _) in built.items()}
@@ -207,22 +238,46 @@ def check_transforms(names: tuple[str, ...], layout: str, axis_type: str):
         want[name][1])
   largest = largest_collective(compiled.as_text())
   assert largest < MIN_LEAF, (
-      f"{names} on {layout}/{axis_type}: a collective moves {largest} numbers "
+      f"{names} on {layout}/{mode}: a collective moves {largest} numbers "
       f"(a whole leaf has >= {MIN_LEAF}); only T x T = {T * T} are needed")
 
 
-@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
-@pytest.mark.parametrize("layout", ["fsdp", "tp", "dp"])
-def test_main_transforms(layout, axis_type):
+def test_issue_16_reproducer():
+  """jax.make_mesh's default (explicit) axes, arrays placed with
+  device_put(x, NamedSharding(mesh, P(None, "data"))), no jax.set_mesh:
+  jit(pcgrad().update) used to fail naming its Gram's output sharding with a
+  bare PartitionSpec."""
+  mesh = jax.make_mesh((8,), ("data",))
+  assert mesh.axis_types == (AxisType.Explicit,)
+  rng = np.random.default_rng(16)
+  grads_np = rng.standard_normal((T, 3, 16)).astype(np.float32)
+  params_np = np.zeros((3, 16), np.float32)
+  grads = jax.device_put(grads_np, NamedSharding(mesh, P(None, None, "data")))
+  params = jax.device_put(params_np, NamedSharding(mesh, P(None, "data")))
+  tx = pcgrad_optax.pcgrad()
+  update, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  want, _ = jax.jit(tx.update)(grads_np, tx.init(params_np), params_np)
+  assert_tree_close(update, want)
+  assert update.sharding.is_equivalent_to(
+      NamedSharding(mesh, P(None, "data")), 2)
+
+
+@pytest.mark.parametrize("layout,mode", [
+    (layout, mode) for layout in ("fsdp", "tp", "dp") for mode in MODES
+    # dp shards no param: without set_mesh it is the explicit case again.
+    if (layout, mode) != ("dp", "explicit-nomesh")] + [
+        ("fsdp", "auto-nomesh")])
+def test_main_transforms(layout, mode):
   """pcgrad (and mgda, cagrad once they exist) in one program per layout."""
   names = tuple(n for n in MAIN if hasattr(pcgrad_optax, n))
-  check_transforms(names, layout, axis_type)
+  check_transforms(names, layout, mode)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", family_names())
-def test_family_transforms(name):
+def test_family_transforms(name, mode):
   """Every other transformation of the family, params split over 2 axes."""
-  check_transforms((name,), "mix", "explicit")
+  check_transforms((name,), "mix", mode)
 
 
 # ---------------------------------------------------------------------------
@@ -245,25 +300,28 @@ MLP_SPECS = {
 BATCH_SPECS = {"fsdp": P(), "tp": P("data"), "dp": P("data")}
 
 
-def mlp_task_losses(p, x, y, layout=None, explicit=False):
-  """Per-task mean squared errors of a 1-hidden-layer MLP with T outputs."""
+def mlp_task_losses(p, x, y, layout=None, mesh=None):
+  """Per-task mean squared errors of a 1-hidden-layer MLP with T outputs.
+
+  ``mesh``: the explicit-axis mesh the params live on (None: auto axes or one
+  device). The model names its shardings on it, as user code must when no
+  jax.set_mesh is active (a bare PartitionSpec needs one)."""
   w1, w2 = p["w1"], p["w2"]
-  if explicit and layout == "fsdp":
+  if mesh is not None and layout == "fsdp":
     # FSDP: gather each weight just before use; its gradient is
     # reduce-scattered back to the param's sharding by the transpose.
-    w1 = jax.sharding.reshard(w1, P())
-    w2 = jax.sharding.reshard(w2, P())
+    w1 = jax.sharding.reshard(w1, NamedSharding(mesh, P()))
+    w2 = jax.sharding.reshard(w2, NamedSharding(mesh, P()))
   h = jnp.tanh(x @ w1 + p["b1"])
   out = None
-  if explicit and layout == "tp":   # row-parallel matmul: name the output
-    out = P(BATCH_SPECS["tp"][0], None)
+  if mesh is not None and layout == "tp":   # row-parallel: name the output
+    out = NamedSharding(mesh, P(BATCH_SPECS["tp"][0], None))
   z = jnp.einsum("bh,ht->bt", h, w2, out_sharding=out)
   return jnp.mean((z - y) ** 2, axis=0)
 
 
-def train_step(tx, layout=None, explicit=False):
-  losses_fn = functools.partial(mlp_task_losses, layout=layout,
-                                explicit=explicit)
+def train_step(tx, layout=None, mesh=None):
+  losses_fn = functools.partial(mlp_task_losses, layout=layout, mesh=mesh)
 
   def run(params, state, x, y):
     _, grads = pcgrad_optax.task_value_and_grad(losses_fn)(params, x, y)
@@ -294,45 +352,56 @@ def train_reference():
   return jax.jit(train_step(TRAIN_TX))(params, TRAIN_TX.init(params), x, y)
 
 
-@pytest.mark.parametrize("layout,axis_type", [
-    ("fsdp", "explicit"), ("tp", "explicit"), ("dp", "explicit"),
-    ("tp", "auto")])
-def test_train_step(layout, axis_type):
-  """task_value_and_grad -> pcgrad -> adam -> apply_updates under jit."""
+def put_mlp(layout, mode):
+  """(mesh, params, x, y) of the MLP placed on the layout's mesh."""
   params_np, x_np, y_np = train_data()
+  mesh = make_mesh(layout, mode)
+  batch = NamedSharding(mesh, BATCH_SPECS[layout])
+  return (mesh, put(params_np, mesh, MLP_SPECS[layout]),
+          jax.device_put(x_np, batch), jax.device_put(y_np, batch))
+
+
+@pytest.mark.parametrize("layout,mode", [
+    ("fsdp", "explicit"), ("tp", "explicit"), ("dp", "explicit"),
+    ("fsdp", "explicit-nomesh"), ("tp", "auto")])
+def test_train_step(layout, mode):
+  """task_value_and_grad -> pcgrad -> adam -> apply_updates under jit."""
   ref, _ = train_reference()
-  mesh = make_mesh(layout, axis_type)
-  specs = MLP_SPECS[layout]
-  with jax.set_mesh(mesh):
-    params = put(params_np, mesh, specs)
-    x = jax.device_put(x_np, NamedSharding(mesh, BATCH_SPECS[layout]))
-    y = jax.device_put(y_np, NamedSharding(mesh, BATCH_SPECS[layout]))
+  mesh, params, x, y = put_mlp(layout, mode)
+  with scope(mesh, mode):
     state = TRAIN_TX.init(params)
-    new, _ = jax.jit(train_step(TRAIN_TX, layout, axis_type == "explicit"))(
-        params, state, x, y)
+    new, _ = jax.jit(train_step(
+        TRAIN_TX, layout, mesh if is_explicit(mode) else None))(
+            params, state, x, y)
   assert_tree_close(new, ref, rtol=1e-4, atol=1e-5)
-  assert_sharded_like(new, mesh, specs)
+  assert_sharded_like(new, mesh, MLP_SPECS[layout])
 
 
-def test_multi_steps_explicit_fsdp():
+MULTI_STEPS = pcgrad_optax.multi_steps(
+    optax.chain(pcgrad_optax.pcgrad(), optax.sgd(0.1)), 2, num_tasks=T)
+
+
+@jax.jit
+def multi_steps_two_calls(grads, state, params):   # accumulate, then step
+  _, state = MULTI_STEPS.update(grads, state, params)
+  return MULTI_STEPS.update(jax.tree.map(lambda g: -0.5 * g, grads), state,
+                            params)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_multi_steps_fsdp(mode):
   """The micro-batch accumulator is sharded like the params."""
   params_np, grads_np = transform_data()
-  tx = pcgrad_optax.multi_steps(
-      optax.chain(pcgrad_optax.pcgrad(), optax.sgd(0.1)), 2, num_tasks=T)
-
-  def two_calls(grads, state, params):   # accumulate, then step
-    _, state = tx.update(grads, state, params)
-    return tx.update(jax.tree.map(lambda g: -0.5 * g, grads), state, params)
-
-  run = jax.jit(two_calls)
-  want, _ = run(grads_np, tx.init(params_np), params_np)
-  mesh = make_mesh("fsdp", "explicit")
+  want, _ = multi_steps_two_calls(grads_np, MULTI_STEPS.init(params_np),
+                                  params_np)
+  mesh = make_mesh("fsdp", mode)
   specs = LAYOUTS["fsdp"][2]
-  with jax.set_mesh(mesh):
+  with scope(mesh, mode):
     params = put(params_np, mesh, specs)
-    state = tx.init(params)
+    state = MULTI_STEPS.init(params)
     assert_sharded_like(state.acc_grads, mesh, pgs.stacked_sharding(specs))
-    got, state = run(put(grads_np, mesh, specs, True), state, params)
+    got, state = multi_steps_two_calls(put(grads_np, mesh, specs, True),
+                                       state, params)
   assert_tree_close(got, want)
   assert_sharded_like(got, mesh, specs)
   assert_sharded_like(state.acc_grads, mesh, pgs.stacked_sharding(specs))
@@ -362,17 +431,18 @@ def memory_reference():
   return combine(stacked)
 
 
-@pytest.mark.parametrize("layout,axis_type", [("tp", "explicit"),
-                                              ("fsdp", "auto")])
-def test_memory_paths_on_mesh(layout, axis_type):
+@pytest.mark.parametrize("layout,mode", [("tp", "explicit"),
+                                         ("fsdp", "explicit-nomesh"),
+                                         ("fsdp", "auto")])
+def test_memory_paths_on_mesh(layout, mode):
   """streaming_aggregate and chunked bf16 task gradients on a mesh."""
-  params_np, x_np, y_np = train_data()
   gram_ref, update_ref = memory_reference()
-  explicit = axis_type == "explicit"
+  explicit = is_explicit(mode)
+  mesh, params, x, y = put_mlp(layout, mode)
 
   def run(params, x, y):
     losses_fn = functools.partial(mlp_task_losses, layout=layout,
-                                  explicit=explicit)
+                                  mesh=mesh if explicit else None)
     _, update, _, _ = memory.streaming_aggregate(
         losses_fn, memory_weighting, tasks_per_chunk=3)(params, x, y)
     _, stacked = memory.task_value_and_grad(
@@ -380,12 +450,8 @@ def test_memory_paths_on_mesh(layout, axis_type):
     return (update, optax.apply_updates(params, update),
             pcgrad_optax.gram_matrix(stacked))
 
-  mesh = make_mesh(layout, axis_type)
   specs = MLP_SPECS[layout]
-  with jax.set_mesh(mesh):
-    params = put(params_np, mesh, specs)
-    x = jax.device_put(x_np, NamedSharding(mesh, BATCH_SPECS[layout]))
-    y = jax.device_put(y_np, NamedSharding(mesh, BATCH_SPECS[layout]))
+  with scope(mesh, mode):
     update, new_params, gram_bf16 = jax.jit(run)(params, x, y)
   assert_tree_close(update, update_ref, rtol=1e-4, atol=1e-6)
   # Explicit axes fix the update's sharding; with auto axes the compiler
@@ -395,6 +461,92 @@ def test_memory_paths_on_mesh(layout, axis_type):
   assert_sharded_like(new_params, mesh, specs)
   np.testing.assert_allclose(gram_bf16, gram_ref, rtol=2e-2,
                              atol=2e-2 * float(jnp.max(jnp.abs(gram_ref))))
+
+
+# ---------------------------------------------------------------------------
+# Recon on a mesh: branch a sharded layer, retrain with the lean layout.
+
+RECON_SPECS = {   # FSDP: every leaf of the branched params split on "fsdp"
+    "l1": {"w": P("fsdp", None), "b": P("fsdp")},
+    "l2": {"w": P(None, "fsdp", None), "b": P(None, None)},  # branched
+}
+RECON_LAYERS = ["l2"]
+
+
+def gathered(w):
+  """FSDP: an explicitly sharded weight gathered just before use, on the
+  mesh in its own type (so the same code runs with and without
+  jax.set_mesh); a no-op on auto axes and on one device."""
+  sharding = jax.typeof(w).sharding
+  if any(s is not None for s in getattr(sharding, "spec", ())):
+    w = jax.sharding.reshard(w, NamedSharding(sharding.mesh, P()))
+  return w
+
+
+def recon_task_loss(p, t, x, y):
+  h = jnp.tanh(x @ gathered(p["l1"]["w"]) + gathered(p["l1"]["b"]))
+  z = h @ gathered(p["l2"]["w"]) + p["l2"]["b"]  # (B, T): head t reads z_t
+  return jnp.mean((jnp.take(z, t, axis=1) - y[:, t]) ** 2)
+
+
+def recon_params():
+  params, _, _ = train_data()
+  return recon.branch({"l1": {"w": params["w1"], "b": params["b1"]},
+                       "l2": {"w": params["w2"],
+                              "b": np.zeros(T, np.float32)}},
+                      RECON_LAYERS, T)
+
+
+RECON_TX = optax.chain(
+    recon.with_branches(optax.chain(recon.track_conflicts(0.0),
+                                    pcgrad_optax.pcgrad()), RECON_LAYERS),
+    optax.adam(1e-2))
+
+
+@jax.jit
+def recon_step(params, state, x, y):
+  """The lean path's step, with the simple path's update beside it."""
+  _, grads = recon.value_and_grad(recon_task_loss, RECON_LAYERS, T)(
+      params, x, y)
+  cos = recon.pairwise_cosines({"l1": grads["l1"]})
+  updates, state = RECON_TX.update(grads, state, params)
+  # Simple path: (T, T, ...) blocks for the branched leaves, masked out.
+  _, stacked = pcgrad_optax.task_value_and_grad(recon.task_losses(
+      recon_task_loss, RECON_LAYERS, T))(params, x, y)
+  simple = pcgrad_optax.pcgrad(shared=recon.shared_mask(
+      params, RECON_LAYERS))
+  simple_updates, _ = simple.update(stacked, simple.init(params), params)
+  return optax.apply_updates(params, updates), state, cos, simple_updates
+
+
+@functools.cache
+def recon_reference():
+  params = recon_params()
+  _, x, y = train_data()
+  return recon_step(params, RECON_TX.init(params), x, y)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_recon_on_mesh(mode):
+  """recon.branch / value_and_grad / with_branches / track_conflicts /
+  pairwise_cosines, and task_losses / shared_mask (the simple path), on
+  FSDP-sharded params equal one device."""
+  want_params, want_state, want_cos, want_simple = recon_reference()
+  _, x_np, y_np = train_data()
+  mesh = make_mesh("fsdp", mode)
+  with scope(mesh, mode):
+    params_np = recon_params()
+    params = put(params_np, mesh, RECON_SPECS)
+    state = RECON_TX.init(params)
+    new, state, cos, simple = recon_step(params, state, x_np, y_np)
+  assert_tree_close(new, want_params, rtol=1e-4, atol=1e-5)
+  assert_tree_close(simple, want_simple)
+  if is_explicit(mode):   # auto axes: an update's sharding is XLA's choice
+    assert_sharded_like(simple, mesh, RECON_SPECS)
+  assert_sharded_like(new, mesh, RECON_SPECS)
+  assert_tree_close(cos, want_cos, rtol=1e-4, atol=1e-5)
+  assert jax.tree.map(int, state[0][0].scores) == jax.tree.map(
+      int, want_state[0][0].scores)
 
 
 # ---------------------------------------------------------------------------
@@ -413,7 +565,8 @@ def count_psums(jaxpr) -> int:
   return count
 
 
-def test_shard_map_gram_one_psum():
+@pytest.mark.parametrize("mode", MODES)
+def test_shard_map_gram_one_psum(mode):
   rng = np.random.default_rng(4)
   stacked_np = {"w": rng.standard_normal((T, 6, 16)).astype(np.float32),
                 "b": rng.standard_normal((T, 16)).astype(np.float32),
@@ -422,7 +575,7 @@ def test_shard_map_gram_one_psum():
               "c": P()}   # b replicated over "data", c over both axes
   full = np.concatenate([v.reshape(T, -1) for v in stacked_np.values()], 1)
   gram_ref = full.astype(np.float64) @ full.astype(np.float64).T
-  mesh = make_mesh("mix", "explicit")
+  mesh = make_mesh("mix", mode)
   order = jnp.asarray(np.stack([rng.permutation(T) for _ in range(T)]))
 
   def local(g):
@@ -432,10 +585,10 @@ def test_shard_map_gram_one_psum():
     # Every device's own copy of the weights, to check they agree.
     return update, gram, weights[None]
 
-  with jax.set_mesh(mesh):
+  with scope(mesh, mode):
     stacked = put(stacked_np, mesh, in_specs)
-    fn = jax.jit(jax.shard_map(
-        local, in_specs=(in_specs,),
+    fn = jax.jit(shard_map(
+        local, mesh, mode, in_specs=(in_specs,),
         out_specs=({"w": P("data", "model"), "b": P("model"), "c": P()}, P(),
                    P(("data", "model")))))
     update, gram, weights = fn(stacked)
@@ -458,7 +611,8 @@ def shard_map_losses(p, x, y):
   return jnp.mean((z - y) ** 2, axis=0)
 
 
-def test_shard_map_data_and_model_parallel_step():
+@pytest.mark.parametrize("mode", MODES)
+def test_shard_map_data_and_model_parallel_step(mode):
   """DP x MP inside shard_map equals PCGrad on the full batch, one device."""
   rng = np.random.default_rng(5)
   params_np = mlp_params(rng)
@@ -474,7 +628,7 @@ def test_shard_map_data_and_model_parallel_step():
           stacked)
 
   specs = MLP_SPECS["tp"]
-  mesh = make_mesh("tp", "explicit")
+  mesh = make_mesh("tp", mode)
 
   def local(p, x, y):
     _, grads = pgs.task_value_and_grad(shard_map_losses, "data")(p, x, y)
@@ -482,18 +636,19 @@ def test_shard_map_data_and_model_parallel_step():
                                  shared=shared)
     return update
 
-  with jax.set_mesh(mesh):
+  with scope(mesh, mode):
     params = put(params_np, mesh, specs)
-    x = jax.device_put(x_np, P("data"))
-    y = jax.device_put(y_np, P("data"))
-    update = jax.jit(jax.shard_map(
-        local, in_specs=(specs, P("data"), P("data")), out_specs=specs))(
-            params, x, y)
+    batch = NamedSharding(mesh, P("data"))
+    x = jax.device_put(x_np, batch)
+    y = jax.device_put(y_np, batch)
+    update = jax.jit(shard_map(
+        local, mesh, mode, in_specs=(specs, P("data"), P("data")),
+        out_specs=specs))(params, x, y)
   assert_tree_close(update, update_ref, rtol=1e-4, atol=1e-6)
   assert_sharded_like(update, mesh, specs)
 
 
-def test_data_parallel_average_before_surgery():
+def test_data_parallel_average_before_surgery(mode="explicit"):
   """pmean of per-task gradients, then PCGrad == PCGrad on the full batch;
   PCGrad per device, then pmean of the updates, is not."""
   rng = np.random.default_rng(6)
@@ -505,7 +660,7 @@ def test_data_parallel_average_before_surgery():
       params_np, x_np, y_np)
   update_ref, _ = jax.jit(tx.update)(stacked, state0, params_np)
 
-  mesh = make_mesh("dp", "explicit")
+  mesh = make_mesh("dp", mode)
 
   def before(p, x, y, s):
     _, grads = pgs.task_value_and_grad(mlp_task_losses, "data")(p, x, y)
@@ -520,15 +675,16 @@ def test_data_parallel_average_before_surgery():
     wrong = lax.pmean(tx.update(grads, s, p)[0], "data")
     return right, wrong
 
-  with jax.set_mesh(mesh):
-    x = jax.device_put(x_np, P("data"))
-    y = jax.device_put(y_np, P("data"))
+  with scope(mesh, mode):
+    batch = NamedSharding(mesh, P("data"))
+    x = jax.device_put(x_np, batch)
+    y = jax.device_put(y_np, batch)
     in_specs = (P(), P("data"), P("data"), P())
-    checked = jax.jit(jax.shard_map(before, in_specs=in_specs,
-                                    out_specs=P()))(params_np, x, y, state0)
-    right, wrong = jax.jit(jax.shard_map(
-        unchecked, in_specs=in_specs, out_specs=P(), check_vma=False))(
-            params_np, x, y, state0)
+    checked = jax.jit(shard_map(before, mesh, mode, in_specs=in_specs,
+                                out_specs=P()))(params_np, x, y, state0)
+    right, wrong = jax.jit(shard_map(
+        unchecked, mesh, mode, in_specs=in_specs, out_specs=P(),
+        check_vma=False))(params_np, x, y, state0)
   assert_tree_close(checked, update_ref, rtol=1e-4, atol=1e-6)
   assert_tree_close(right, update_ref, rtol=1e-4, atol=1e-6)
   gap = max(float(np.max(np.abs(a - r)) / np.max(np.abs(r)))
