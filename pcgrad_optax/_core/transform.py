@@ -1,6 +1,8 @@
 """What the optax transformations of the package share.
 
-PRNG keys in the state (:func:`canonicalize_key`), the stateless factory of
+PRNG keys in the state (:func:`canonicalize_key`, kept as raw key data by
+:func:`key_data` and wrapped again by :func:`state_key`), the stateless
+factory of
 every Gram-based method (:func:`gram_transform`), the state dtype guard
 (:func:`cast_like`) and the docstring parts every factory repeats
 (:func:`documented` fills them in, keeping docstrings literal so that their
@@ -28,6 +30,37 @@ def canonicalize_key(key_or_seed: jax.Array | int) -> jax.Array:
   if hasattr(key_or_seed, "dtype") and jnp.ndim(key_or_seed) == 1:
     return jax.random.wrap_key_data(jnp.asarray(key_or_seed, jnp.uint32))
   return jax.random.key(key_or_seed)
+
+
+def key_impl(key_or_seed: jax.Array | int):
+  """The PRNG implementation of a typed key; None (jax's default) otherwise.
+
+  A factory records it once, so that :func:`state_key` wraps the raw data
+  kept in its state with the implementation the key was made with.
+  """
+  if isinstance(key_or_seed, (jax.Array, jax.core.Tracer)) and jnp.issubdtype(
+      key_or_seed.dtype, jax.dtypes.prng_key):
+    return jax.random.key_impl(key_or_seed)
+  return None
+
+
+def key_data(key_or_seed: jax.Array | int) -> jax.Array:
+  """The raw uint32 data of :func:`canonicalize_key`'s key, as states keep it.
+
+  States hold the key's data rather than the typed key: every serialiser
+  (``flax.serialization``, orbax, pickle, NumPy) handles a uint32 array,
+  whereas ``flax.serialization.to_bytes`` rejects typed PRNG keys. The
+  transformation wraps it again with :func:`state_key` when it draws, so
+  the random numbers are those of the typed key.
+  """
+  return jax.random.key_data(canonicalize_key(key_or_seed))
+
+
+def state_key(data: jax.Array, impl=None) -> jax.Array:
+  """The typed key whose raw data a state keeps (a typed key passes as is)."""
+  if jnp.issubdtype(data.dtype, jax.dtypes.prng_key):
+    return data
+  return jax.random.wrap_key_data(jnp.asarray(data, jnp.uint32), impl=impl)
 
 
 def cast_like(new, old):

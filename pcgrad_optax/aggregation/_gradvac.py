@@ -21,7 +21,8 @@ from pcgrad_optax._core.gram import check_gram, leaf_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import (check_reduction,
                                         leaves_accumulation_dtype)
-from pcgrad_optax._core.transform import canonicalize_key, documented
+from pcgrad_optax._core.transform import (documented, key_data, key_impl,
+                                         state_key)
 from pcgrad_optax.aggregation._pcgrad import random_orders, task_orders
 
 GRADVAC_EMA_SOURCES = ("modified", "original")
@@ -177,8 +178,9 @@ class GradVacState(NamedTuple):
   """State of :func:`gradvac`.
 
   Attributes:
-    key: typed PRNG key; step ``n`` draws its orders from
-      ``jax.random.fold_in(key, n)``.
+    key: uint32 raw data of the typed PRNG key (``jax.random.key_data``,
+      which every checkpointer can store); step ``n`` draws its orders from
+      ``jax.random.fold_in(jax.random.wrap_key_data(key), n)``.
     count: number of updates done so far (int32).
     targets: ``(G, T, T)`` float32 EMA cosine targets, one ``(T, T)`` block
       per parameter group (``G = 1`` for ``granularity="all"``).
@@ -295,11 +297,12 @@ def gradvac(key: jax.Array | int = 0, *, num_tasks: int, beta: float = 1e-2,
   if ema_of not in GRADVAC_EMA_SOURCES:
     raise ValueError(f"Unknown ema_of {ema_of!r}; expected one of "
                      f"{GRADVAC_EMA_SOURCES}.")
+  impl = key_impl(key)
 
   def init_fn(params):
     _, num_groups = _gradvac_groups(params, granularity)
     return GradVacState(
-        key=canonicalize_key(key), count=jnp.zeros([], jnp.int32),
+        key=key_data(key), count=jnp.zeros([], jnp.int32),
         targets=jnp.zeros((num_groups, num_tasks, num_tasks), jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -313,7 +316,8 @@ def gradvac(key: jax.Array | int = 0, *, num_tasks: int, beta: float = 1e-2,
           f"{(num_groups, t, t)} for granularity={granularity!r}: the "
           "gradients' structure differs from the params given to init.")
     out, targets = _gradvac_step(
-        leaves, state.targets, state.key, state.count, mask=tuple(mask),
+        leaves, state.targets, state_key(state.key, impl), state.count,
+        mask=tuple(mask),
         groups=tuple(groups), beta=beta, ema_of=ema_of, reduction=reduction)
     return jax.tree.unflatten(treedef, out), GradVacState(
         state.key, optax.safe_increment(state.count), targets)

@@ -18,7 +18,8 @@ from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.mesh import vary_like
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import canonicalize_key, documented
+from pcgrad_optax._core.transform import (documented, key_data, key_impl,
+                                         state_key)
 
 
 def random_orders(key: jax.Array, num_tasks: int) -> jax.Array:
@@ -138,8 +139,9 @@ class PCGradState(NamedTuple):
   """State of :func:`pcgrad`.
 
   Attributes:
-    key: typed PRNG key; step ``n`` draws its orders from
-      ``jax.random.fold_in(key, n)``.
+    key: uint32 raw data of the typed PRNG key (``jax.random.key_data``,
+      which every checkpointer can store); step ``n`` draws its orders from
+      ``jax.random.fold_in(jax.random.wrap_key_data(key), n)``.
     count: number of updates done so far (int32).
   """
   key: jax.Array
@@ -202,15 +204,16 @@ def pcgrad(key: jax.Array | int = 0, *, reduction: str = "sum",
     <https://arxiv.org/abs/2001.06782>`_, NeurIPS 2020.
   """
   check_reduction(reduction)
+  impl = key_impl(key)
 
   def init_fn(params):
     del params
-    return PCGradState(key=canonicalize_key(key),
+    return PCGradState(key=key_data(key),
                        count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    step_key = jax.random.fold_in(state.key, state.count)
+    step_key = jax.random.fold_in(state_key(state.key, impl), state.count)
     combined, _, _ = aggregate(
         updates, lambda gram: pcgrad_weighting(gram, key=step_key),
         params=params, shared=shared, reduction=reduction)

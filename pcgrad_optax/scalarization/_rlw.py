@@ -16,7 +16,8 @@ import optax
 from pcgrad_optax._core.aggregate import combine, resolve
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import canonicalize_key, documented
+from pcgrad_optax._core.transform import (documented, key_data, key_impl,
+                                         state_key)
 
 RLW_DISTRIBUTIONS = ("normal", "uniform", "dirichlet")
 
@@ -75,8 +76,9 @@ class RLWState(NamedTuple):
   """State of :func:`rlw`.
 
   Attributes:
-    key: typed PRNG key; step ``n`` draws its weights with
-      ``pcgrad_optax.weighting.rlw(jax.random.fold_in(key, n), T)``.
+    key: uint32 raw data of the typed PRNG key (``jax.random.key_data``,
+      which every checkpointer can store); step ``n`` draws its weights with
+      ``pcgrad_optax.weighting.rlw(fold_in(wrap_key_data(key), n), T)``.
     count: number of updates done so far (int32).
   """
   key: jax.Array
@@ -133,15 +135,17 @@ def rlw(key: jax.Array | int = 0, *, distribution: str = "normal",
   if distribution not in RLW_DISTRIBUTIONS:
     raise ValueError(f"Unknown distribution {distribution!r}; expected one "
                      f"of {RLW_DISTRIBUTIONS}.")
+  impl = key_impl(key)
 
   def init_fn(params):
     del params
-    return RLWState(key=canonicalize_key(key), count=jnp.zeros([], jnp.int32))
+    return RLWState(key=key_data(key), count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
     leaves, treedef, mask, t = resolve(updates, params, shared, None, "rlw")
-    weights = rlw_weighting(jax.random.fold_in(state.key, state.count), t,
+    weights = rlw_weighting(
+        jax.random.fold_in(state_key(state.key, impl), state.count), t,
                             distribution=distribution)
     return combine(leaves, treedef, mask, weights, reduction), RLWState(
         state.key, optax.safe_increment(state.count))
