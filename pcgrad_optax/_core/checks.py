@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def as_float(x) -> float | jax.Array:
@@ -84,3 +85,28 @@ def check_losses(losses, t: int, method: str, arg: str = "losses"
     losses = losses.astype(jnp.float32)
   losses = losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
   return jax.lax.stop_gradient(losses)
+
+
+
+def losses_in_domain(losses: jax.Array, lower, *, strict: bool, method: str,
+                     arg: str = "losses", bound: str = "0") -> jax.Array:
+  """Which losses are finite and above ``lower``: a ``(T,)`` bool array.
+
+  Concrete losses outside the domain raise a ``ValueError`` that names the
+  method, the argument and the offending tasks; traced ones (under ``jit``)
+  give the flags, with which the method keeps its state for the step.
+  ``bound`` is how the message names ``lower``.
+  """
+  lower = jnp.asarray(lower, losses.dtype)
+  above = losses > lower if strict else losses >= lower
+  ok = jnp.isfinite(losses) & above
+  if not isinstance(ok, jax.core.Tracer):
+    bad = np.flatnonzero(~np.asarray(ok))
+    if bad.size:
+      values = np.asarray(losses)[bad].tolist()
+      limits = np.broadcast_to(np.asarray(lower), losses.shape)[bad].tolist()
+      raise ValueError(
+          f"{method}: `{arg}` must be finite and {'>' if strict else '>='} "
+          f"{bound}; task(s) {bad.tolist()} have {values} ({bound}: "
+          f"{limits}).")
+  return ok

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.aggregate import combine, resolve
-from pcgrad_optax._core.checks import as_vector, check_losses, check_num_tasks
+from pcgrad_optax._core.checks import (as_vector, check_losses,
+                                       check_num_tasks, losses_in_domain)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import cast_like, documented
@@ -100,8 +101,11 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
   argument ``losses``) are accumulated into the current period's mean and
   rotated into the two-period history when the period ends. ``period=1``
   is the common per-step variant: step :math:`n \ge 2` uses
-  :math:`L(n-1)/L(n-2)`, steps 0 and 1 have weights 1. The losses are
-  assumed positive (a non-positive :math:`\bar L(k-2)` gives ratio 1).
+  :math:`L(n-1)/L(n-2)`, steps 0 and 1 have weights 1. The losses must be
+  finite and :math:`\ge 0` (a zero :math:`\bar L(k-2)` gives ratio 1):
+  concrete ones outside that raise a ``ValueError``; under ``jit`` such a
+  step is not counted (the state, count included, stays as it was) and its
+  update has the weights of the current period as usual.
 
   @WEIGHTS_SHARED_LEAVES@
 
@@ -155,6 +159,8 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
     leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
                                        "dwa")
     losses = check_losses(losses, t, "dwa")
+    # Concrete losses outside L >= 0 raise; traced ones keep the state.
+    ok = jnp.all(losses_in_domain(losses, 0.0, strict=False, method="dwa"))
     weights = jnp.where(
         state.periods >= 2,
         dwa_weighting(state.history[0], state.history[1],
@@ -170,7 +176,8 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
         loss_sum=jnp.where(period_done, jnp.zeros_like(loss_sum), loss_sum),
         history=history,
         periods=jnp.minimum(state.periods + period_done.astype(jnp.int32), 2))
-    return combine(leaves, treedef, mask, weights, reduction), \
-        cast_like(new_state, state)
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                             cast_like(new_state, state), state)
+    return combine(leaves, treedef, mask, weights, reduction), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

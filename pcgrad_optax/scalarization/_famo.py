@@ -14,7 +14,8 @@ import optax
 
 from pcgrad_optax._core.aggregate import combine, resolve
 from pcgrad_optax._core.checks import (as_vector, check_losses,
-                                       check_num_tasks, per_task)
+                                       check_num_tasks, losses_in_domain,
+                                       per_task)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import cast_like, documented
@@ -133,6 +134,17 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
   it. The code also clips the model's gradient norm (max 1), which is an
   ``optax.clip_by_global_norm(1.0)`` after this transformation.
 
+  Losses outside the domain. FAMO needs :math:`L_t > L_t^*` (the log of
+  :math:`\ell_t`; below it the weight turns negative and the step goes
+  uphill). Concrete ``losses`` or ``prev_batch_losses`` that are not finite
+  or not above ``min_losses`` raise a ``ValueError``. Under ``jit`` such a
+  step leaves the whole state (logits, stored losses, count, the logits'
+  optimiser) as it was, and the update weights only the tasks whose
+  ``losses`` are in the domain, with their FAMO weights renormalised to sum
+  to 1 (the others get weight 0; no task in the domain: a zero update of the
+  shared leaves). Non-finite gradients still give a non-finite update:
+  wrap the chain in :func:`pcgrad_optax.apply_if_finite` to skip those steps.
+
   @WEIGHTS_SHARED_LEAVES@
 
   @FIRST_IN_CHAIN@
@@ -142,7 +154,8 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
     learning_rate: :math:`\beta` (ignored when ``optimizer`` is given).
     weight_decay: :math:`\gamma`, added to the logits' gradient.
     min_losses: scalar or ``(T,)`` lower bounds :math:`L^*` of the losses
-      (0 for non-negative losses); the losses must stay above them.
+      (0 for non-negative losses); the losses must stay above them (see
+      "Losses outside the domain").
     eps: :math:`\epsilon` (``1e-8`` as in the authors' code).
     optimizer: optional optax transformation for the logits (default
       ``optax.sgd(learning_rate)``).
@@ -201,6 +214,15 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
     losses = check_losses(losses, t, "famo")
     after = losses if prev_batch_losses is None else check_losses(
         prev_batch_losses, t, "famo", "prev_batch_losses")
+    # The domain L > L*: concrete losses outside it raise; traced ones keep
+    # the state as it was and give their tasks weight 0 (see the docstring).
+    usable = losses_in_domain(losses, min_l, strict=True, method="famo",
+                              bound="min_losses")
+    ok = jnp.all(usable)
+    if prev_batch_losses is not None:
+      ok &= jnp.all(losses_in_domain(after, min_l, strict=True, method="famo",
+                                     arg="prev_batch_losses",
+                                     bound="min_losses"))
     logits = state.logits
     # Step 0 has no previous losses: delta = 0 there (and no log of the
     # placeholder), and the logits keep their initial value below.
@@ -215,11 +237,17 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
     logits = jnp.where(first, logits, moved)
     opt_state = jax.tree.map(lambda old, new: jnp.where(first, old, new),
                              state.opt_state, opt_state)
-    weights = famo_weighting(logits, losses, min_losses=min_l, eps=eps)
+    logits = jnp.where(ok, logits, state.logits)
+    weights = famo_weighting(logits, jnp.where(usable, losses, min_l + 1),
+                             min_losses=min_l, eps=eps)
+    kept = jnp.where(usable, weights, 0)
+    total = jnp.sum(kept)
+    weights = jnp.where(ok, weights, kept / jnp.where(total > 0, total, 1))
     new_state = FAMOState(logits=logits, prev_losses=losses,
                           count=optax.safe_increment(state.count),
                           opt_state=opt_state)
-    return combine(leaves, treedef, mask, weights, reduction), \
-        cast_like(new_state, state)
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                             cast_like(new_state, state), state)
+    return combine(leaves, treedef, mask, weights, reduction), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -16,7 +16,8 @@ import optax
 
 from pcgrad_optax._core.aggregate import combine, resolve
 from pcgrad_optax._core.checks import (as_vector, check_losses,
-                                       check_num_tasks, per_task)
+                                       check_num_tasks, losses_in_domain,
+                                       per_task)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import cast_like, documented
@@ -133,7 +134,12 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
   losses that vary by orders of magnitude; ``optimizer=optax.adam(1e-2)``
   is scale free.
 
-  The losses are the extra argument ``losses`` of ``update``.
+  The losses are the extra argument ``losses`` of ``update``. They must be
+  finite and :math:`\ge 0` (below 0 the objective is unbounded below in
+  :math:`s`): concrete ones outside that raise a ``ValueError``; under
+  ``jit`` such a step leaves the state (:math:`s` and its optimiser) as it
+  was, and the update is the usual one, :math:`\sum_t a_t e^{-s_t} g_t`
+  with the current :math:`s` (the weights do not use the step's losses).
 
   @WEIGHTS_SHARED_LEAVES@
 
@@ -191,14 +197,19 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
     leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
                                        "uncertainty")
     losses = check_losses(losses, t, "uncertainty")
+    # Concrete losses outside L >= 0 raise; traced ones keep the state.
+    ok = jnp.all(losses_in_domain(losses, 0.0, strict=False,
+                                  method="uncertainty"))
     log_vars = state.log_vars
     weights = uncertainty_weighting(log_vars, task_types=task_types)
     grad_s = (reg_factor - weight_factor * jnp.exp(-log_vars) * losses)
     grad_s = grad_s.astype(log_vars.dtype)
     step, opt_state = opt.update(grad_s, state.opt_state, log_vars)
     new_log_vars = optax.apply_updates(log_vars, step)
-    return combine(leaves, treedef, mask, weights, reduction), \
-        UncertaintyState(cast_like(new_log_vars, log_vars),
-                         cast_like(opt_state, state.opt_state))
+    new_state = UncertaintyState(cast_like(new_log_vars, log_vars),
+                                 cast_like(opt_state, state.opt_state))
+    new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                             new_state, state)
+    return combine(leaves, treedef, mask, weights, reduction), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
