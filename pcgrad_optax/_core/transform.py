@@ -75,7 +75,8 @@ FIRST_IN_CHAIN = """
     every leaf) and emits params-shaped updates, so it must come first in an
     ``optax.chain``. Wrappers that assume params-shaped gradients
     (``optax.MultiSteps``, ``optax.apply_if_finite``, ``optax.masked``) cannot
-    wrap it; accumulate micro-batches with :func:`pcgrad_optax.multi_steps`.
+    wrap it; accumulate micro-batches with :func:`pcgrad_optax.multi_steps`
+    and skip non-finite steps with :func:`pcgrad_optax.apply_if_finite`.
 """
 
 SHARED_ARGS = """    reduction: ``"sum"`` (the method's weights as they are) or
