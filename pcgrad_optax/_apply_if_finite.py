@@ -115,6 +115,12 @@ def apply_if_finite(inner: optax.GradientTransformation,
   offending task has no finite loss to carry forward yet; there
   ``notfinite_count`` and ``max_consecutive_errors`` act as above.
 
+  A NaN made in the shared forward pass reaches *every* task's gradient
+  (the backward pass multiplies it by the other tasks' zero cotangents), and
+  then every task offends. Give an empty batch's loss a ``where`` on both
+  sides, ``jnp.where(n > 0, s / jnp.maximum(n, 1), jnp.nan)``: only that
+  task's loss is NaN, its gradient zero, the others' gradients untouched.
+
   .. warning::
     Like the aggregators, ``apply_if_finite`` consumes stacked gradients:
     it goes first in an ``optax.chain`` (wrap the whole chain to protect the

@@ -1,0 +1,111 @@
+"""Every transformation in a training loop, for the checkpoint tests.
+
+``CASES`` maps a name to a factory of the transformation under test: every
+factory of ``aggregation.__all__`` and ``scalarization.__all__`` chained with
+Adam (``num_tasks`` where the state is per task), FAMO with Adam on its
+logits, ``multi_steps`` and ``apply_if_finite`` (both modes). (Recon's
+``track_conflicts`` is not here: its ``OrderedDict`` of scores has no
+``flax.serialization`` handler.) ``step_fn(tx)`` is the jitted training
+step on a small shared-trunk model whose batch is a function of the step
+number only, and ``train(tx, params, state, start, stop)`` runs it, so a
+run resumed from a restored state in another process sees the same data.
+Imported by tests/test_checkpoint.py and by the fresh process it starts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import pcgrad_optax as po
+
+T = 3
+STEPS = 4     # steps of the uninterrupted run
+SAVE_AT = 2   # steps before the checkpoint
+
+# Factories whose state is per task, so they take num_tasks up front.
+PER_TASK = {"gradvac", "uncertainty", "dwa", "famo"}
+
+
+def _method(name):
+  factory = getattr(po, name)
+  return factory(num_tasks=T) if name in PER_TASK else factory()
+
+
+def _adam(inner):
+  return optax.chain(inner, optax.adam(1e-2))
+
+
+METHODS = sorted(n for n in po.aggregation.__all__ + po.scalarization.__all__
+                 if n[0].islower())
+
+CASES = {name: (lambda name=name: _adam(_method(name))) for name in METHODS}
+CASES.update({
+    "famo_adam_logits": lambda: _adam(po.famo(num_tasks=T,
+                                              optimizer=optax.adam(0.025))),
+    "multi_steps": lambda: po.multi_steps(_adam(po.pcgrad(7)), 2,
+                                          num_tasks=T),
+    "apply_if_finite": lambda: po.apply_if_finite(_adam(po.gradvac(
+        num_tasks=T)), 3),
+    "apply_if_finite_drop": lambda: po.apply_if_finite(
+        _adam(po.famo(num_tasks=T)), 3, drop_nonfinite_tasks=True,
+        num_tasks=T),
+})
+
+
+def init_params():
+  rng = np.random.default_rng(0)
+  return {"trunk": jnp.asarray(rng.standard_normal((4, 8)) * 0.5,
+                               jnp.float32),
+          "heads": jnp.asarray(rng.standard_normal((T, 8)) * 0.5,
+                               jnp.float32)}
+
+
+def batch(n, with_nan=False):
+  """The step's batch: a function of the step number only.
+
+  ``with_nan`` (for apply_if_finite) makes task 1's batch of step 3 empty
+  (all its targets NaN, i.e. missing): that step's task-1 loss is NaN.
+  """
+  rng = np.random.default_rng(100 + n)
+  x = rng.standard_normal((16, 4)).astype(np.float32)
+  y = rng.standard_normal((16, T)).astype(np.float32)
+  if with_nan and n == 3:
+    y[:, 1] = np.nan
+  return x, y
+
+
+def task_losses(params, x, y):
+  """Each task's mean squared error over its present (finite) targets.
+
+  A task with no target in the batch gets a NaN loss; the ``where`` on both
+  sides keeps its gradient finite (zero) and the other tasks' gradients
+  free of it (a plain mean would spread 0 * inf = NaN to every task).
+  """
+  h = jnp.tanh(x @ params["trunk"])
+  present = jnp.isfinite(y)
+  count = present.sum(axis=0)
+  error = jnp.where(present, h @ params["heads"].T - jnp.where(present, y, 0),
+                    0)
+  total = jnp.sum(error ** 2, axis=0)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan) + 0.1
+
+
+def step_fn(tx):
+  @jax.jit
+  def step(params, state, x, y):
+    losses, grads = po.task_value_and_grad(task_losses)(params, x, y)
+    updates, state = tx.update(grads, state, params, losses=losses)
+    return optax.apply_updates(params, updates), state
+
+  return step
+
+
+def train(tx, params, state, start, stop, step=None):
+  step = step_fn(tx) if step is None else step
+  with_nan = isinstance(state, po.ApplyIfFiniteState)
+  for n in range(start, stop):
+    params, state = step(params, state, *batch(n, with_nan))
+  return params, state
