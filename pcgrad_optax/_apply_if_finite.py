@@ -56,7 +56,7 @@ class ApplyIfFiniteState(NamedTuple):
 
 def _task_finite(leaf: jax.Array) -> jax.Array:
   """``(T,)`` bool: whether each task's slice of a stacked leaf is finite."""
-  return jnp.all(jnp.isfinite(leaf).reshape(leaf.shape[0], -1), axis=1)
+  return jnp.all(jnp.isfinite(leaf), axis=tuple(range(1, leaf.ndim)))
 
 
 def _zeros_like_output(inner, updates, inner_state, params, extra_args):
@@ -106,11 +106,13 @@ def apply_if_finite(inner: optax.GradientTransformation,
   * every other extra argument unchanged.
 
   What zero does to the task weights is the method's own zero-gradient rule:
-  PCGrad, GradVac, the sum and GradDrop combine the remaining tasks as if
-  the dropped one were absent (PCGrad never projects onto a zero gradient);
-  UPGrad, the mean and the loss-based weightings keep dividing by ``T``;
-  MGDA's min-norm point is zero when any task's gradient is, so its shared
-  update is zero on such a step (the heads still move). A step is skipped
+  PCGrad, GradVac, GradDrop and the sum combine the remaining tasks as if
+  the dropped one were absent (PCGrad and GradVac skip pairs with a zero
+  gradient, GradVac's targets for them included); UPGrad and the mean keep
+  dividing by ``T``; the loss-based weightings still give the dropped task
+  its weight (on a zero gradient), so the others keep theirs; MGDA's
+  min-norm point is zero when any task's gradient is, so its shared update
+  is zero on such a step (the heads still move). A step is skipped
   as a whole (and counted) only when every task is offending, or when an
   offending task has no finite loss to carry forward yet; there
   ``notfinite_count`` and ``max_consecutive_errors`` act as above.
@@ -194,46 +196,46 @@ def apply_if_finite(inner: optax.GradientTransformation,
       if value is None:
         continue
       value = jnp.asarray(value)
-      if value.shape != (t,):
+      if drop_nonfinite_tasks and value.shape != (t,):
         raise ValueError(
             f"apply_if_finite: `{name}` must have shape (T,) = ({t},) to "
             f"match the stacked gradients, got {value.shape}.")
       found[name] = value
     return found
 
+  def drop_tasks(leaves, treedef, losses, extra_args, tasks, t):
+    """(isfinite, usable, task_ok, inputs, args) of the dropping mode."""
+    if t != num_tasks:
+      raise ValueError(
+          f"apply_if_finite: the stacked gradients have T={t} tasks, "
+          f"expected num_tasks={num_tasks}.")
+    task_ok = jnp.ones((t,), jnp.bool_)
+    for x in leaves + list(losses.values()):
+      task_ok &= _task_finite(x)
+    usable = jnp.any(task_ok)
+    if losses:   # a dropped task needs a finite loss to carry forward
+      usable &= jnp.all(task_ok | tasks.has_loss)
+    keep = task_ok | ~usable     # a step given up on sees its raw inputs
+    inputs = jax.tree.unflatten(treedef, [
+        jnp.where(keep.reshape((t,) + (1,) * (x.ndim - 1)), x,
+                  jnp.zeros_like(x)) for x in leaves])
+    args = dict(extra_args)
+    for name, value in losses.items():
+      args[name] = jnp.where(keep, value,
+                             tasks.last_losses.astype(value.dtype))
+    return jnp.all(task_ok), usable, task_ok, inputs, args
+
   def update_fn(updates, state, params=None, **extra_args):
     t = stacked.num_tasks(updates, None)
     leaves, treedef = jax.tree.flatten(updates)
     losses = loss_args(extra_args, t)
-    task_ok = jnp.ones((t,), jnp.bool_)
-    for x in leaves + list(losses.values()):
-      task_ok &= _task_finite(x)
-    isfinite = jnp.all(task_ok)
-
     if drop_nonfinite_tasks:
-      if t != num_tasks:
-        raise ValueError(
-            f"apply_if_finite: the stacked gradients have T={t} tasks, "
-            f"expected num_tasks={num_tasks}.")
-      tasks = state.tasks
-      usable = jnp.any(task_ok)
-      if losses:
-        usable &= jnp.all(task_ok | tasks.has_loss)
-      keep = task_ok | ~usable     # a step given up on sees its raw inputs
-
-      def mask_tasks(x):
-        return jnp.where(keep.reshape((t,) + (1,) * (x.ndim - 1)), x,
-                         jnp.zeros_like(x))
-
-      inputs = jax.tree.unflatten(treedef, [mask_tasks(x) for x in leaves])
-      carried = tasks.last_losses
-      args = dict(extra_args)
-      for name, value in losses.items():
-        args[name] = jnp.where(keep, value, carried.astype(value.dtype))
-      applied_ok = usable
-    else:
+      isfinite, usable, task_ok, inputs, args = drop_tasks(
+          leaves, treedef, losses, extra_args, state.tasks, t)
+    else:   # one reduction per leaf, as optax.apply_if_finite does
+      isfinite = jnp.all(jnp.stack(
+          [jnp.all(jnp.isfinite(x)) for x in leaves + list(losses.values())]))
       usable, inputs, args = isfinite, updates, extra_args
-
     notfinite_count = jnp.where(
         usable, jnp.zeros([], jnp.int32),
         optax.safe_increment(state.notfinite_count))
@@ -249,27 +251,22 @@ def apply_if_finite(inner: optax.GradientTransformation,
         usable | (notfinite_count > max_consecutive_errors),
         do_update, reject_update, None)
 
-    if drop_nonfinite_tasks:
-      new_losses = tasks.last_losses
-      has_loss = tasks.has_loss
+    tasks = state.tasks
+    if drop_nonfinite_tasks:   # recorded on the steps applied as usable
+      seen = usable & task_ok
       if "losses" in losses:
-        seen = applied_ok & task_ok
-        new_losses = jnp.where(seen, losses["losses"].astype(jnp.float32),
-                               new_losses)
-        has_loss = has_loss | seen
-      new_tasks = DroppedTasksState(
-          dropped_count=tasks.dropped_count + (
-              applied_ok & ~task_ok).astype(jnp.int32),
-          last_losses=new_losses, has_loss=has_loss)
-    else:
-      new_tasks = state.tasks
-
+        tasks = tasks._replace(
+            last_losses=jnp.where(seen, losses["losses"].astype(jnp.float32),
+                                  tasks.last_losses),
+            has_loss=tasks.has_loss | seen)
+      tasks = tasks._replace(dropped_count=tasks.dropped_count + (
+          usable & ~task_ok).astype(jnp.int32))
     return out, ApplyIfFiniteState(
         notfinite_count=notfinite_count,
         last_finite=isfinite,
         total_notfinite=jnp.where(
             usable, state.total_notfinite,
             optax.safe_increment(state.total_notfinite)),
-        inner_state=inner_state, tasks=new_tasks)
+        inner_state=inner_state, tasks=tasks)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
