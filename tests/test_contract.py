@@ -87,6 +87,10 @@ SPECS = [
          extra_args=task_losses),
     Spec("dwa", per_task_count(pcgrad_optax.dwa), extra_args=task_losses),
     Spec("famo", per_task_count(pcgrad_optax.famo), extra_args=task_losses),
+    # apply_if_finite around an aggregator passes the contract too.
+    Spec("apply_if_finite",
+         lambda **kw: pcgrad_optax.apply_if_finite(pcgrad_optax.pcgrad(**kw),
+                                                   3)),
 ]
 
 
