@@ -38,7 +38,10 @@ def famo_weighting(logits: jax.Array, losses: jax.Array, *,
   with :math:`c = (\sum_k z_k/\ell_k)^{-1}`. :math:`L^*` (``min_losses``) are
   lower bounds of the losses (0 for non-negative losses); the
   :math:`\epsilon = 10^{-8}` is the authors' code's. The logits are updated
-  by :func:`pcgrad_optax.famo`.
+  by :func:`pcgrad_optax.famo`. The losses must be finite and above
+  :math:`L^*`: concrete ones outside that raise a ``ValueError`` (traced
+  ones give meaningless weights there; :func:`pcgrad_optax.famo` guards its
+  steps against them).
 
   Args:
     logits: ``(T,)`` logits :math:`\xi`.
@@ -62,8 +65,10 @@ def famo_weighting(logits: jax.Array, losses: jax.Array, *,
   logits = as_vector(logits, None, "logits")
   t = logits.shape[0]
   losses = as_vector(losses, t, "losses")
-  shifted = losses - jnp.broadcast_to(jnp.asarray(min_losses, losses.dtype),
-                                      (t,)) + eps
+  min_losses = jnp.broadcast_to(jnp.asarray(min_losses, losses.dtype), (t,))
+  losses_in_domain(losses, min_losses, strict=True, method="weighting.famo",
+                   bound="min_losses")
+  shifted = losses - min_losses + eps
   scores = jax.nn.softmax(logits) / shifted
   return scores / jnp.sum(scores)
 

@@ -1,4 +1,4 @@
-"""The loss-based methods' domains: FAMO's L > L*, uncertainty's and DWA's L >= 0.
+"""Loss-based methods' domains: FAMO's L > L*, uncertainty's and DWA's L >= 0.
 
 Concrete losses outside the domain (or not finite) raise a ValueError that
 names the method, the argument and the task. Under ``jit`` a step with such
@@ -59,6 +59,8 @@ def test_famo_concrete_losses_at_or_below_min_losses_raise():
   with pytest.raises(ValueError, match="prev_batch_losses"):
     tx.update(EYE, state, PARAMS, losses=jnp.array([2.0, 2.0]),
               prev_batch_losses=jnp.array([2.0, NAN]))
+  with pytest.raises(ValueError, match=r"weighting.famo.*task\(s\) \[1\]"):
+    po.weighting.famo(jnp.zeros(2), jnp.array([1.0, -0.5]))
 
 
 def _run(tx, losses_seq):
