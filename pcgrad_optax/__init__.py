@@ -19,6 +19,9 @@ from pcgrad_optax import recon
 from pcgrad_optax import scalarization
 from pcgrad_optax import sharding
 from pcgrad_optax import weighting
+from pcgrad_optax._apply_if_finite import ApplyIfFiniteState
+from pcgrad_optax._apply_if_finite import DroppedTasksState
+from pcgrad_optax._apply_if_finite import apply_if_finite
 from pcgrad_optax._core.gram import gram_matrix
 from pcgrad_optax._core.weighted_sum import weighted_sum
 from pcgrad_optax._multi_steps import MultiStepsState
@@ -32,6 +35,9 @@ from pcgrad_optax.scalarization import *  # noqa: F401,F403
 __version__ = "0.1.0"
 
 __all__ = (
+    "ApplyIfFiniteState",
+    "DroppedTasksState",
+    "apply_if_finite",
     "MultiStepsState",
     "aggregation",
     "diagnostics",

@@ -69,6 +69,7 @@ def with_args(factory, **fixed):
   return make
 
 
+
 def task_losses(t):
   # Positive, distinct losses so every loss-based weighting is exercised.
   return {"losses": np.linspace(0.5, 2.0, t).astype(np.float32)}
@@ -119,6 +120,10 @@ SPECS = [
     Spec("cosmos", with_args(pcgrad_optax.cosmos, lambda_=1.0),
          extra_args=task_losses),
     Spec("pbi", pcgrad_optax.pbi, extra_args=task_losses),
+    # apply_if_finite around an aggregator passes the contract too.
+    Spec("apply_if_finite",
+         lambda **kw: pcgrad_optax.apply_if_finite(pcgrad_optax.pcgrad(**kw),
+                                                   3)),
 ]
 
 

@@ -155,3 +155,38 @@ def check_losses(losses, t: int, method: str, arg: str = "losses"
     losses = losses.astype(jnp.float32)
   losses = losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
   return jax.lax.stop_gradient(losses)
+
+
+def losses_in_domain(losses, lower=None, *, strict: bool = False,
+                     method: str, arg: str = "losses",
+                     bound: str | None = None) -> jax.Array:
+  """Which losses are in a method's domain: a ``(T,)`` bool array.
+
+  The domain is: finite and, with ``lower``, ``> lower`` (``strict``) or
+  ``>= lower`` (a scalar or ``(T,)``). Concrete losses outside it raise a
+  ``ValueError`` naming the method, the argument, the values and the tasks;
+  traced ones (under ``jit``) give the flags, with which the method keeps
+  its state for the step. ``bound`` is how the message names ``lower``
+  (default: its value).
+  """
+  losses = jnp.asarray(losses)
+  ok = jnp.isfinite(losses)
+  what = "finite"
+  if lower is not None:
+    limit = jnp.broadcast_to(jnp.asarray(lower, losses.dtype), losses.shape)
+    ok &= (losses > limit) if strict else (losses >= limit)
+    if bound is None:
+      bound = str(np.asarray(lower).tolist())
+    what = f"finite and {'>' if strict else '>='} {bound}"
+  flags = concrete(ok)
+  if flags is not None and not flags.all():
+    bad = np.flatnonzero(~flags)
+    values = np.asarray(losses).astype(np.float64)[bad].tolist()
+    limits = ""
+    if lower is not None and concrete(lower) is not None and np.ndim(lower):
+      limits = f" ({bound}: {np.asarray(lower)[bad].tolist()})"
+    raise ValueError(
+        f"{method}: `{arg}` must be {what}; `{arg}` (shape "
+        f"{tuple(losses.shape)}) has {values} at task(s) {bad.tolist()}"
+        f"{limits}.")
+  return ok

@@ -1,9 +1,11 @@
 """What the optax transformations of the package share.
 
-PRNG keys in the state (:func:`canonicalize_key`), the stateless factory of
-every Gram-based method (:func:`gram_transform`), the record of the last
-step's task weights and Gram matrix in the state (:class:`GramState`,
-:func:`init_record`, :func:`check_record`), the state dtype guard
+PRNG keys in the state (:func:`canonicalize_key`, kept as raw key data by
+:func:`key_data` and wrapped again by :func:`state_key`), the stateless
+factory of every Gram-based method (:func:`gram_transform`), the record of
+the last step's task weights and Gram matrix in the state
+(:class:`GramState`, :func:`init_record`, :func:`check_record`), the state
+dtype guard
 (:func:`cast_like`) and the docstring parts every factory repeats
 (:func:`documented` fills them in, keeping docstrings literal so that their
 examples run as doctests).
@@ -45,6 +47,37 @@ def canonicalize_key(key_or_seed: jax.Array | int) -> jax.Array:
   return jax.random.key(key_or_seed)
 
 
+def key_impl(key_or_seed: jax.Array | int):
+  """The PRNG implementation of a typed key; None (jax's default) otherwise.
+
+  A factory records it once, so that :func:`state_key` wraps the raw data
+  kept in its state with the implementation the key was made with.
+  """
+  if isinstance(key_or_seed, (jax.Array, jax.core.Tracer)) and jnp.issubdtype(
+      key_or_seed.dtype, jax.dtypes.prng_key):
+    return jax.random.key_impl(key_or_seed)
+  return None
+
+
+def key_data(key_or_seed: jax.Array | int) -> jax.Array:
+  """The raw uint32 data of :func:`canonicalize_key`'s key, as states keep it.
+
+  States hold the key's data rather than the typed key: every serialiser
+  (``flax.serialization``, orbax, pickle, NumPy) handles a uint32 array,
+  whereas ``flax.serialization.to_bytes`` rejects typed PRNG keys. The
+  transformation wraps it again with :func:`state_key` when it draws, so
+  the random numbers are those of the typed key.
+  """
+  return jax.random.key_data(canonicalize_key(key_or_seed))
+
+
+def state_key(data: jax.Array, impl=None) -> jax.Array:
+  """The typed key whose raw data a state keeps (a typed key passes as is)."""
+  if jnp.issubdtype(data.dtype, jax.dtypes.prng_key):
+    return data
+  return jax.random.wrap_key_data(jnp.asarray(data, jnp.uint32), impl=impl)
+
+
 def cast_like(new, old):
   """``new`` with each leaf cast to the dtype of ``old``'s (stable state)."""
   return jax.tree.map(lambda n, o: jnp.asarray(n).astype(jnp.asarray(o).dtype),
@@ -57,7 +90,8 @@ FIRST_IN_CHAIN = """
     every leaf) and emits params-shaped updates, so it must come first in an
     ``optax.chain``. Wrappers that assume params-shaped gradients
     (``optax.MultiSteps``, ``optax.apply_if_finite``, ``optax.masked``) cannot
-    wrap it; accumulate micro-batches with :func:`pcgrad_optax.multi_steps`.
+    wrap it; accumulate micro-batches with :func:`pcgrad_optax.multi_steps`
+    and skip non-finite steps with :func:`pcgrad_optax.apply_if_finite`.
 """
 
 SHARED_ARGS = """    reduction: ``"sum"`` (the method's weights as they are) or

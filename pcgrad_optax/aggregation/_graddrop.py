@@ -22,8 +22,8 @@ from pcgrad_optax._core.aggregate import resolve
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import accumulation_dtype, check_reduction
 from pcgrad_optax._core.checks import concrete
-from pcgrad_optax._core.transform import (Aggregator, canonicalize_key,
-                                          documented)
+from pcgrad_optax._core.transform import (Aggregator, documented, key_data,
+                                          key_impl, state_key)
 from pcgrad_optax._core.weighted_sum import leaf_weighted_sum, sum_over_tasks
 
 
@@ -31,9 +31,11 @@ class GradDropState(NamedTuple):
   """State of :func:`graddrop`.
 
   Attributes:
-    key: typed PRNG key. At step ``n`` the uniform draws of the leaf at
-      position ``l`` in ``jax.tree.leaves`` order are
-      ``jax.random.uniform(fold_in(fold_in(key, n), l), leaf.shape[1:])``
+    key: uint32 raw data of the typed PRNG key (``jax.random.key_data``,
+      which every checkpointer can store). With ``k =
+      jax.random.wrap_key_data(key)``, at step ``n`` the uniform draws of the
+      leaf at position ``l`` in ``jax.tree.leaves`` order are
+      ``jax.random.uniform(fold_in(fold_in(k, n), l), leaf.shape[1:])``
       (float32), one per coordinate, shared by all tasks.
     count: number of updates done so far (int32).
   """
@@ -150,10 +152,11 @@ def graddrop(key: jax.Array | int = 0, *, leak: float | jax.Array = 0.0,
   if leak_value is not None and not np.all((leak_value >= 0)
                                            & (leak_value <= 1)):
     raise ValueError(f"`leak` must be in [0, 1], got {leak!r}.")
+  impl = key_impl(key)
 
   def init_fn(params):
     del params
-    return GradDropState(key=canonicalize_key(key),
+    return GradDropState(key=key_data(key),
                          count=jnp.zeros([], jnp.int32))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -163,8 +166,8 @@ def graddrop(key: jax.Array | int = 0, *, leak: float | jax.Array = 0.0,
     if leak_array.ndim == 1 and leak_array.shape != (t,):
       raise ValueError(f"`leak` must be a scalar or shape (T,) = ({t},), "
                        f"got {leak_array.shape}.")
-    out = _graddrop_step(leaves, state.key, state.count, leak_array,
-                         mask=tuple(mask), reduction=reduction)
+    out = _graddrop_step(leaves, state_key(state.key, impl), state.count,
+                         leak_array, mask=tuple(mask), reduction=reduction)
     return jax.tree.unflatten(treedef, out), GradDropState(
         state.key, optax.safe_increment(state.count))
 

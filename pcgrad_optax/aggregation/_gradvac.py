@@ -22,9 +22,9 @@ from pcgrad_optax._core.gram import check_gram, leaf_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import (check_reduction,
                                         leaves_accumulation_dtype)
-from pcgrad_optax._core.transform import (Aggregator, canonicalize_key,
-                                          check_record_args, documented,
-                                          init_record, record)
+from pcgrad_optax._core.transform import (Aggregator, check_record_args,
+                                          documented, init_record, key_data,
+                                          key_impl, record, state_key)
 from pcgrad_optax.aggregation._pcgrad import random_orders, task_orders
 
 GRADVAC_EMA_SOURCES = ("modified", "original")
@@ -184,8 +184,9 @@ class GradVacState(NamedTuple):
   """State of :func:`gradvac`.
 
   Attributes:
-    key: typed PRNG key; step ``n`` draws its orders from
-      ``jax.random.fold_in(key, n)``.
+    key: uint32 raw data of the typed PRNG key (``jax.random.key_data``,
+      which every checkpointer can store); step ``n`` draws its orders from
+      ``jax.random.fold_in(jax.random.wrap_key_data(key), n)``.
     count: number of updates done so far (int32).
     targets: ``(G, T, T)`` float32 EMA cosine targets, one ``(T, T)`` block
       per parameter group (``G = 1`` for ``granularity="all"``).
@@ -311,6 +312,7 @@ def gradvac(key: jax.Array | int = 0, *, num_tasks: int, beta: float = 1e-2,
   if ema_of not in GRADVAC_EMA_SOURCES:
     raise ValueError(f"Unknown ema_of {ema_of!r}; expected one of "
                      f"{GRADVAC_EMA_SOURCES}.")
+  impl = key_impl(key)
 
   def init_fn(params):
     _, num_groups = _gradvac_groups(params, granularity)
@@ -318,7 +320,7 @@ def gradvac(key: jax.Array | int = 0, *, num_tasks: int, beta: float = 1e-2,
     weights, gram = init_record(params, t, keep_gram, "gradvac",
                                 (num_groups,))
     return GradVacState(
-        key=canonicalize_key(key), count=jnp.zeros([], jnp.int32),
+        key=key_data(key), count=jnp.zeros([], jnp.int32),
         targets=jnp.zeros((num_groups, t, t), jnp.float32),
         weights=weights, gram=gram)
 
@@ -333,7 +335,7 @@ def gradvac(key: jax.Array | int = 0, *, num_tasks: int, beta: float = 1e-2,
           f"{(num_groups, t, t)} for granularity={granularity!r}: the "
           "gradients' structure differs from the params given to init.")
     out, targets, weights, grams = _gradvac_step(
-        leaves, state.targets, state.key, state.count,
+        leaves, state.targets, state_key(state.key, impl), state.count,
         jnp.asarray(beta, jnp.float32), mask=tuple(mask),
         groups=tuple(groups), ema_of=ema_of, reduction=reduction)
     weights, grams = record(weights, grams, state.weights, state.gram, t,

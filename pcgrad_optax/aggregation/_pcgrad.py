@@ -19,9 +19,10 @@ from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.mesh import vary_like
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.checks import check_num_tasks
-from pcgrad_optax._core.transform import (Aggregator, canonicalize_key,
-                                          check_record, check_record_args,
-                                          documented, init_record, record)
+from pcgrad_optax._core.transform import (Aggregator, check_record,
+                                          check_record_args, documented,
+                                          init_record, key_data, key_impl,
+                                          record, state_key)
 
 
 def random_orders(key: jax.Array, num_tasks: int) -> jax.Array:
@@ -149,8 +150,9 @@ class PCGradState(NamedTuple):
   """State of :func:`pcgrad`.
 
   Attributes:
-    key: typed PRNG key; step ``n`` draws its orders from
-      ``jax.random.fold_in(key, n)``.
+    key: uint32 raw data of the typed PRNG key (``jax.random.key_data``,
+      which every checkpointer can store); step ``n`` draws its orders from
+      ``jax.random.fold_in(jax.random.wrap_key_data(key), n)``.
     count: number of updates done so far (int32).
     weights: with ``num_tasks``, the ``(T,)`` weights applied to the shared
       leaves at the last step (see :class:`pcgrad_optax.GramState`); else
@@ -229,17 +231,18 @@ def pcgrad(key: jax.Array | int = 0, *, reduction: str = "sum",
   check_reduction(reduction)
   records = check_record_args(num_tasks, keep_gram, "pcgrad")
   expected = check_num_tasks(num_tasks) if records else None
+  impl = key_impl(key)
 
   def init_fn(params):
     weights, gram = (init_record(params, num_tasks, keep_gram, "pcgrad")
                      if records else (None, None))
-    return PCGradState(key=canonicalize_key(key),
+    return PCGradState(key=key_data(key),
                        count=jnp.zeros([], jnp.int32), weights=weights,
                        gram=gram)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    step_key = jax.random.fold_in(state.key, state.count)
+    step_key = jax.random.fold_in(state_key(state.key, impl), state.count)
     combined, gram, weights = aggregate(
         updates, lambda gram: pcgrad_weighting(gram, key=step_key),
         params=params, shared=shared, reduction=reduction,

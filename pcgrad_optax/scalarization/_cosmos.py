@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.checks import (as_vector, check_nonnegative,
-                                       check_num_tasks)
+                                       check_num_tasks, losses_in_domain)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
-                                                    check_loss_domain,
                                                     loss_transformation,
                                                     preference_vector,
                                                     scalarized)
@@ -25,7 +24,7 @@ from pcgrad_optax.scalarization._scalarized import (LossScalarization,
 def _cosmos_weights_and_value(losses, preference, lambda_):
   t = losses.shape[0]
   check_nonnegative(lambda_, "`lambda_`")
-  check_loss_domain(losses, "cosmos")
+  losses_in_domain(losses, method="cosmos")
   r = preference_vector(preference, t, 1.0 / t)
   rl = jnp.dot(r, losses)
   r_norm = jnp.linalg.norm(r)

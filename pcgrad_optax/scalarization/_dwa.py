@@ -18,6 +18,7 @@ from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
+                                                    bounded_below,
                                                     loss_transformation,
                                                     scalarized)
 
@@ -109,8 +110,12 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
   argument ``losses``) are accumulated into the current period's mean and
   rotated into the two-period history when the period ends. ``period=1``
   is the common per-step variant: step :math:`n \ge 2` uses
-  :math:`L(n-1)/L(n-2)`, steps 0 and 1 have weights 1. The losses are
-  assumed positive (a non-positive :math:`\bar L(k-2)` gives ratio 1).
+  :math:`L(n-1)/L(n-2)`, steps 0 and 1 have weights 1. The losses must be
+  finite and :math:`\ge 0` (a zero :math:`\bar L(k-2)` gives ratio 1):
+  concrete ones outside that raise a ``ValueError``; under ``jit`` such a
+  step is not counted (the whole state, count and weights record included,
+  stays as it was) and its update has the weights of the current period as
+  usual.
 
   The one-backward-pass form (no per-task gradients) is
   :func:`pcgrad_optax.scalarization.dwa_loss`.
@@ -152,7 +157,8 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
   check_reduction(reduction)
   init, step = _dwa_method(num_tasks, temperature, period)
   return loss_transformation(init, step, method="dwa", num_tasks=num_tasks,
-                             reduction=reduction, shared=shared)
+                             reduction=reduction, shared=shared,
+                             domain=bounded_below(0.0))
 
 
 def _dwa_method(num_tasks, temperature, period):
@@ -225,4 +231,4 @@ def dwa_loss(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
   """
   init, step = _dwa_method(num_tasks, temperature, period)
   return scalarized(init, step, method="dwa_loss", num_tasks=num_tasks,
-                    reduction=reduction)
+                    reduction=reduction, domain=bounded_below(0.0))

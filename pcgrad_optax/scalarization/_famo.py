@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.checks import (as_vector, check_losses,
-                                       check_num_tasks, per_task)
+                                       check_num_tasks, losses_in_domain,
+                                       per_task)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import Aggregator, documented
@@ -39,7 +40,10 @@ def famo_weighting(logits: jax.Array, losses: jax.Array, *,
   with :math:`c = (\sum_k z_k/\ell_k)^{-1}`. :math:`L^*` (``min_losses``) are
   lower bounds of the losses (0 for non-negative losses); the
   :math:`\epsilon = 10^{-8}` is the authors' code's. The logits are updated
-  by :func:`pcgrad_optax.famo`.
+  by :func:`pcgrad_optax.famo`. The losses must be finite and above
+  :math:`L^*`: concrete ones outside that raise a ``ValueError`` (traced
+  ones give meaningless weights there; :func:`pcgrad_optax.famo` guards its
+  steps against them).
 
   Args:
     logits: ``(T,)`` logits :math:`\xi`.
@@ -63,8 +67,10 @@ def famo_weighting(logits: jax.Array, losses: jax.Array, *,
   logits = as_vector(logits, None, "logits")
   t = logits.shape[0]
   losses = as_vector(losses, t, "losses")
-  shifted = losses - jnp.broadcast_to(jnp.asarray(min_losses, losses.dtype),
-                                      (t,)) + eps
+  min_losses = jnp.broadcast_to(jnp.asarray(min_losses, losses.dtype), (t,))
+  losses_in_domain(losses, min_losses, strict=True, method="weighting.famo",
+                   bound="min_losses")
+  shifted = losses - min_losses + eps
   scores = jax.nn.softmax(logits) / shifted
   return scores / jnp.sum(scores)
 
@@ -138,6 +144,18 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
   it. The code also clips the model's gradient norm (max 1), which is an
   ``optax.clip_by_global_norm(1.0)`` after this transformation.
 
+  Losses outside the domain. FAMO needs :math:`L_t > L_t^*` (the log of
+  :math:`\ell_t`; below it the weight turns negative and the step goes
+  uphill). Concrete ``losses`` or ``prev_batch_losses`` that are not finite
+  or not above ``min_losses`` raise a ``ValueError``. Under ``jit`` such a
+  step leaves the whole state (logits, stored losses, count, the logits'
+  optimiser, the weights record) as it was, and the update weights only
+  the tasks whose ``losses`` are in the domain, with their FAMO weights
+  renormalised to sum to 1 (the others get weight 0; no task in the domain:
+  a zero update of the shared leaves). Non-finite gradients still give a
+  non-finite update: wrap the chain in :func:`pcgrad_optax.apply_if_finite`
+  to skip those steps.
+
   The one-backward-pass form (no per-task gradients) is
   :func:`pcgrad_optax.scalarization.famo_loss`.
 
@@ -150,7 +168,8 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
     learning_rate: :math:`\beta` (ignored when ``optimizer`` is given).
     weight_decay: :math:`\gamma`, added to the logits' gradient.
     min_losses: scalar or ``(T,)`` lower bounds :math:`L^*` of the losses
-      (0 for non-negative losses); the losses must stay above them.
+      (0 for non-negative losses); the losses must stay above them (see
+      "Losses outside the domain").
     eps: :math:`\epsilon` (``1e-8`` as in the authors' code).
     optimizer: optional optax transformation for the logits (default
       ``optax.sgd(learning_rate)``).
@@ -190,7 +209,35 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
   init, step = _famo_method(num_tasks, learning_rate, weight_decay,
                             min_losses, eps, optimizer, "famo")
   return loss_transformation(init, step, method="famo", num_tasks=num_tasks,
-                             reduction=reduction, shared=shared)
+                             reduction=reduction, shared=shared,
+                             domain=_famo_domain(min_losses))
+
+
+def _in_domain(losses, after, exact, min_l, method):
+  """``(usable, ok)``: which ``losses`` are in FAMO's domain ``L > L*``, and
+  whether the step is (``prev_batch_losses`` too, when ``exact``).
+
+  Concrete losses outside it raise a ``ValueError`` naming the tasks.
+  """
+  usable = losses_in_domain(losses, min_l, strict=True, method=method,
+                            bound="min_losses")
+  ok = jnp.all(usable)
+  if exact:
+    ok &= jnp.all(losses_in_domain(after, min_l, strict=True, method=method,
+                                   arg="prev_batch_losses",
+                                   bound="min_losses"))
+  return usable, ok
+
+
+def _famo_domain(min_losses):
+  """FAMO's :data:`~pcgrad_optax.scalarization._scalarized.Domain`."""
+  def domain(losses, t, extra, method):
+    prev = extra.get("prev_batch_losses")
+    after = losses if prev is None else check_losses(
+        prev, t, method, "prev_batch_losses")
+    return _in_domain(losses, after, prev is not None,
+                      per_task(min_losses, t, "min_losses"), method)[1]
+  return domain
 
 
 def _famo_method(num_tasks, learning_rate, weight_decay, min_losses, eps,
@@ -217,6 +264,8 @@ def _famo_method(num_tasks, learning_rate, weight_decay, min_losses, eps,
     prev_batch_losses = extra.get("prev_batch_losses")
     after = losses if prev_batch_losses is None else check_losses(
         prev_batch_losses, t, method, "prev_batch_losses")
+    usable, ok = _in_domain(losses, after, prev_batch_losses is not None,
+                            min_l, method)
     logits = state.logits
     # Step 0 has no previous losses: delta = 0 there (and no log of the
     # placeholder), and the logits keep their initial value below.
@@ -231,12 +280,22 @@ def _famo_method(num_tasks, learning_rate, weight_decay, min_losses, eps,
     logits = jnp.where(first, logits, moved)
     opt_state = jax.tree.map(lambda old, new: jnp.where(first, old, new),
                              state.opt_state, opt_state)
-    weights = famo_weighting(logits, losses, min_losses=min_l, eps=eps)
+    # Outside the domain (under jit): the logits as they were, weight 0 for
+    # the tasks outside it, the others' weights renormalised (and the
+    # shared code keeps the whole state).
+    logits = jnp.where(ok, logits, state.logits)
+    safe = jnp.where(usable, losses, min_l + 1)
+    weights = famo_weighting(logits, safe, min_losses=min_l, eps=eps)
+    kept = jnp.where(usable, weights, 0)
+    total = jnp.sum(kept)
+    weights = jnp.where(ok, weights, kept / jnp.where(total > 0, total, 1))
     # The objective whose gradient is sum_t w_t grad L_t: c sum_t z_t log l_t
-    # with c = 1 / sum_k z_k / l_k (held constant), as in the paper.
-    shifted = losses - min_l + eps
-    z = jax.nn.softmax(logits)
-    value = jnp.sum(z * jnp.log(shifted)) / jnp.sum(z / shifted)
+    # with c = 1 / sum_k z_k / l_k (held constant), as in the paper, over
+    # the tasks in the domain.
+    shifted = safe - min_l + eps
+    z = jnp.where(usable, jax.nn.softmax(logits), 0)
+    scale = jnp.sum(z / shifted)
+    value = jnp.sum(z * jnp.log(shifted)) / jnp.where(scale > 0, scale, 1)
     new_state = FAMOState(logits=logits, prev_losses=losses,
                           count=optax.safe_increment(state.count),
                           opt_state=opt_state)
@@ -308,4 +367,4 @@ def famo_loss(*, num_tasks: int, learning_rate: float = 0.025,
   init, step = _famo_method(num_tasks, learning_rate, weight_decay,
                             min_losses, eps, optimizer, "famo_loss")
   return scalarized(init, step, method="famo_loss", num_tasks=num_tasks,
-                    reduction=reduction)
+                    reduction=reduction, domain=_famo_domain(min_losses))

@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pcgrad_optax._core.checks import as_vector
+from pcgrad_optax._core.checks import as_vector, losses_in_domain
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
-                                                    check_loss_domain,
+                                                    bounded_below,
                                                     loss_transformation,
                                                     scalarized)
 
@@ -58,7 +58,7 @@ def geometric_mean_weighting(losses: jax.Array) -> jax.Array:
     <https://arxiv.org/abs/1904.08492>`_, CVPR Workshops 2019.
   """
   losses = as_vector(losses, None, "losses")
-  check_loss_domain(losses, "geometric_mean", positive=True)
+  losses_in_domain(losses, 0.0, strict=True, method="geometric_mean")
   log_l = jnp.log(losses)
   t = losses.shape[0]
   return jnp.exp(jnp.mean(log_l) - log_l) / t
@@ -134,7 +134,8 @@ def geometric_mean(*, reduction: str = "sum", shared: SharedMask = None,
   init, step = _geometric_mean_method()
   return loss_transformation(init, step, method="geometric_mean",
                              num_tasks=num_tasks, reduction=reduction,
-                             shared=shared)
+                             shared=shared,
+                             domain=bounded_below(0.0, strict=True))
 
 
 def geometric_mean_loss(*, reduction: str = "sum",
@@ -170,5 +171,5 @@ def geometric_mean_loss(*, reduction: str = "sum",
   """
   init, step = _geometric_mean_method()
   return scalarized(init, step, method="geometric_mean_loss",
-                    num_tasks=num_tasks,
-                    reduction=reduction)
+                    num_tasks=num_tasks, reduction=reduction,
+                    domain=bounded_below(0.0, strict=True))

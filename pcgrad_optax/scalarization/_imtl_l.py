@@ -17,7 +17,7 @@ from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
-                                                    check_loss_domain,
+                                                    bounded_below,
                                                     loss_transformation,
                                                     scalarized)
 
@@ -89,7 +89,6 @@ def _imtl_l_method(num_tasks, learning_rate, init_log_scales, optimizer,
 
   def step(losses, state, t, extra):
     del t, extra
-    check_loss_domain(losses, method, nonnegative=True)
     s = state.log_scales
     weights = imtl_l_weighting(s)
     value = jnp.sum(weights * losses - s)
@@ -175,7 +174,7 @@ def imtl_l(*, num_tasks: int, learning_rate: float = 1e-2,
                               optimizer, "imtl_l")
   return loss_transformation(init, step, method="imtl_l",
                              num_tasks=num_tasks, reduction=reduction,
-                             shared=shared)
+                             shared=shared, domain=bounded_below(0.0))
 
 
 def imtl_l_loss(*, num_tasks: int, learning_rate: float = 1e-2,
@@ -224,4 +223,4 @@ def imtl_l_loss(*, num_tasks: int, learning_rate: float = 1e-2,
   init, step = _imtl_l_method(num_tasks, learning_rate, init_log_scales,
                               optimizer, "imtl_l_loss")
   return scalarized(init, step, method="imtl_l_loss", num_tasks=num_tasks,
-                    reduction=reduction)
+                    reduction=reduction, domain=bounded_below(0.0))

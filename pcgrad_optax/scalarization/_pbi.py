@@ -11,12 +11,11 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.checks import (as_vector, check_nonnegative,
-                                       check_num_tasks)
+                                       check_num_tasks, losses_in_domain)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
-                                                    check_loss_domain,
                                                     loss_transformation,
                                                     preference_vector,
                                                     scalarized)
@@ -25,7 +24,7 @@ from pcgrad_optax.scalarization._scalarized import (LossScalarization,
 def _pbi_weights_and_value(losses, preference, theta, reference):
   t = losses.shape[0]
   check_nonnegative(theta, "`theta`")
-  check_loss_domain(losses, "pbi")
+  losses_in_domain(losses, method="pbi")
   w = preference_vector(preference, t, 1.0)
   direction = w / jnp.linalg.norm(w)
   z = 0.0 if reference is None else reference

@@ -16,8 +16,8 @@ import optax
 from pcgrad_optax._core.checks import check_choice, check_num_tasks
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import (Aggregator, canonicalize_key,
-                                          documented)
+from pcgrad_optax._core.transform import (Aggregator, documented, key_data,
+                                          key_impl, state_key)
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
                                                     loss_transformation,
                                                     scalarized)
@@ -81,8 +81,9 @@ class RLWState(NamedTuple):
   """State of :func:`rlw`.
 
   Attributes:
-    key: typed PRNG key; step ``n`` draws its weights with
-      ``pcgrad_optax.weighting.rlw(jax.random.fold_in(key, n), T)``.
+    key: uint32 raw data of the typed PRNG key (``jax.random.key_data``,
+      which every checkpointer can store); step ``n`` draws its weights with
+      ``pcgrad_optax.weighting.rlw(fold_in(wrap_key_data(key), n), T)``.
     count: number of updates done so far (int32).
     weights: with ``num_tasks``, the ``(T,)`` weights applied to the
       weighted leaves at the last step (zeros before the first update);
@@ -156,15 +157,17 @@ def rlw(key: jax.Array | int = 0, *, distribution: str = "normal",
 def _rlw_method(key, distribution):
   """``(init, step)`` of RLW (see ``_scalarized.py``)."""
   check_choice(distribution, RLW_DISTRIBUTIONS, "distribution")
+  impl = key_impl(key)
 
   def init(t):
     del t
-    return RLWState(key=canonicalize_key(key), count=jnp.zeros([], jnp.int32))
+    return RLWState(key=key_data(key), count=jnp.zeros([], jnp.int32))
 
   def step(losses, state, t, extra):
     del losses, extra
-    weights = rlw_weighting(jax.random.fold_in(state.key, state.count), t,
-                            distribution=distribution)
+    weights = rlw_weighting(
+        jax.random.fold_in(state_key(state.key, impl), state.count), t,
+        distribution=distribution)
     return weights, None, RLWState(state.key,
                                    optax.safe_increment(state.count))
 
@@ -214,5 +217,6 @@ def rlw_loss(key: jax.Array | int = 0, *, distribution: str = "normal",
     <https://arxiv.org/abs/2111.10603>`_, TMLR 2022.
   """
   init, step = _rlw_method(key, distribution)
+  # The weights never read the losses: no domain to check.
   return scalarized(init, step, method="rlw_loss", num_tasks=num_tasks,
-                    reduction=reduction)
+                    reduction=reduction, domain=None)

@@ -24,9 +24,15 @@ every numeric hyperparameter may be an array, also a traced one
 (``optax.inject_hyperparams``), concrete ones validated by
 ``pcgrad_optax._core.checks``.
 
-Both keep the float leaves of the state (the recorded weights included)
-unchanged on a step with a non-finite loss (or a non-finite new state), so a
-bad batch never writes NaN into the state.
+Every method that reads the losses has a domain (:data:`Domain`: every
+loss finite by default; FAMO's :math:`L > L^*`; uncertainty's, DWA's,
+IMTL-L's and log-form STCH's :math:`L \\ge 0`; the geometric mean's
+:math:`L > 0`), checked once here for both paths with
+``_core.checks.losses_in_domain``: concrete losses outside it raise a
+``ValueError`` naming the method and the tasks; under ``jit`` a step with
+losses outside it (or with a non-finite new state) leaves the whole state,
+counts and the weights record included, as it was, so a bad batch never
+writes NaN into the state and a run with it is the run without it.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ import optax
 from pcgrad_optax._core.aggregate import combine, resolve
 from pcgrad_optax._core.checks import (as_vector, check_losses,
                                        check_num_tasks, concrete,
-                                       init_num_tasks)
+                                       init_num_tasks, losses_in_domain)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import (Aggregator, GramState, cast_like,
@@ -55,6 +61,26 @@ Init = Callable[[int | None], Any]
 # (losses, state, num_tasks, extra) -> (weights, value or None, new_state)
 Step = Callable[[jax.Array | None, Any, int, dict],
                 tuple[jax.Array, jax.Array | None, Any]]
+# (losses, num_tasks, extra, method) -> () bool: whether the step's losses
+# are in the method's domain. Concrete ones outside it raise a ValueError
+# (``_core.checks.losses_in_domain``); traced ones give False, and the step
+# then leaves the whole state as it was.
+Domain = Callable[[jax.Array, int, dict, str], jax.Array]
+
+
+def finite(losses, t, extra, method):
+  """The default :data:`Domain`: every loss finite."""
+  del t, extra
+  return jnp.all(losses_in_domain(losses, method=method))
+
+
+def bounded_below(lower: float = 0.0, *, strict: bool = False) -> Domain:
+  """The :data:`Domain` of finite losses ``> lower`` (``strict``) or ``>=``."""
+  def domain(losses, t, extra, method):
+    del t, extra
+    return jnp.all(losses_in_domain(losses, lower, strict=strict,
+                                    method=method))
+  return domain
 
 
 class LossScalarization(NamedTuple):
@@ -118,32 +144,6 @@ class LossScalarization(NamedTuple):
   weights: Callable[..., tuple[jax.Array, Any]]
 
 
-def check_loss_domain(losses, method: str, *, positive: bool = False,
-                      nonnegative: bool = False) -> None:
-  """ValueError on concrete losses outside the method's domain.
-
-  Traced losses are not checked (their values are unknown); the methods
-  then give a non-finite update for them and keep their state.
-  """
-  values = concrete(losses)
-  if values is None:
-    return
-  values = values.astype(np.float64)
-  bad = ~np.isfinite(values)
-  what = "finite"
-  if positive:
-    bad |= values <= 0
-    what = "finite and > 0"
-  elif nonnegative:
-    bad |= values < 0
-    what = "finite and >= 0"
-  if bad.any():
-    raise ValueError(
-        f"{method}: every loss must be {what}; `losses` (shape "
-        f"{values.shape}) has {values[bad].tolist()} at task(s) "
-        f"{np.flatnonzero(bad).tolist()}.")
-
-
 def preference_vector(preference, t: int, default: float,
                       name: str = "preference") -> jax.Array:
   """A ``(T,)`` preference (``default`` everywhere if None), >= 0, not 0.
@@ -181,33 +181,31 @@ def _loss_vector(losses, num_tasks: int | None, method: str) -> jax.Array:
   return losses.astype(jnp.promote_types(losses.dtype, jnp.float32))
 
 
-def _keep_finite(new_state, old_state, losses):
-  """``new_state`` unless a loss or a new float leaf is non-finite."""
-  def numeric(x):
-    return jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) or \
-        jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer)
+def _keep_state(new_state, old_state, in_domain):
+  """``new_state``, or all of ``old_state`` outside the domain.
 
-  # Same dtypes as before (a stable state under jit and lax.scan); keys and
-  # other leaves are left as they are.
+  The whole state (counts, keys, the optimiser's state and the weights
+  record included) stays as it was when the step's losses are outside the
+  method's domain (``in_domain`` False: a non-finite loss, or one below the
+  method's bound) or a new float leaf is not finite, so a bad batch never
+  writes NaN into the state, and a run with such a step is the run without
+  it. Leaves keep their dtypes (a stable state under ``jit`` and
+  ``lax.scan``).
+  """
+  def numeric(x):
+    dtype = jnp.asarray(x).dtype
+    return jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(
+        dtype, jnp.integer) or dtype == jnp.bool_
+
   new_state = jax.tree.map(
       lambda n, o: cast_like(n, o) if numeric(o) else n, new_state,
       old_state)
-  floats = [x for x in jax.tree.leaves(new_state)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
-  if not floats and losses is None:
-    return new_state
-  ok = jnp.asarray(True)
-  if losses is not None:
-    ok = jnp.all(jnp.isfinite(losses))
-  for x in floats:
-    ok &= jnp.all(jnp.isfinite(x))
-
-  def pick(n, o):
-    if jnp.issubdtype(jnp.asarray(n).dtype, jnp.floating):
-      return jnp.where(ok, n, o)
-    return n
-
-  return jax.tree.map(pick, new_state, old_state)
+  ok = jnp.asarray(True) if in_domain is None else in_domain
+  for x in jax.tree.leaves(new_state):
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+      ok &= jnp.all(jnp.isfinite(x))
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o) if numeric(o) else n,
+                      new_state, old_state)
 
 
 def _init_state(init: Init, params, num_tasks, method: str):
@@ -243,8 +241,8 @@ def _record(new_state, old_state, weights, t: int, reduction: str):
 
 def loss_transformation(init: Init, step: Step, *, method: str,
                         num_tasks: int | None, reduction: str,
-                        shared: SharedMask, needs_losses: bool = True
-                        ) -> Aggregator:
+                        shared: SharedMask, needs_losses: bool = True,
+                        domain: Domain | None = finite) -> Aggregator:
   """The stacked-gradient transformation of a loss-level method.
 
   ``num_tasks`` may be None (the method has no per-task state: nothing is
@@ -266,16 +264,19 @@ def loss_transformation(init: Init, step: Step, *, method: str,
     # A method that needs no losses ignores any (optax.chain passes every
     # extra argument to every transformation).
     losses = check_losses(losses, t, method) if needs_losses else None
+    in_domain = (None if losses is None or domain is None
+                 else domain(losses, t, extra_args, method))
     weights, _, new_state = step(losses, state, t, extra_args)
     new_state = _record(new_state, state, weights, t, reduction)
-    new_state = _keep_finite(new_state, state, losses)
+    new_state = _keep_state(new_state, state, in_domain)
     return combine(leaves, treedef, mask, weights, reduction), new_state
 
   return Aggregator(init_fn, update_fn)
 
 
 def scalarized(init: Init, step: Step, *, method: str,
-               num_tasks: int | None, reduction: str) -> LossScalarization:
+               num_tasks: int | None, reduction: str,
+               domain: Domain | None = finite) -> LossScalarization:
   """The one-backward-pass path (:class:`LossScalarization`) of a method.
 
   Hyperparameters (``num_tasks`` included) may be arrays, also traced ones,
@@ -295,6 +296,7 @@ def scalarized(init: Init, step: Step, *, method: str,
       raise ValueError(f"{method}: `losses` must have shape (T,) = "
                        f"({old.shape[-1]},) to match the state, got "
                        f"{losses.shape}.")
+    in_domain = None if domain is None else domain(losses, t, extra, method)
     weights, value, new_state = step(losses, state, t, extra)
     new_state = _record(new_state, state, weights.astype(losses.dtype), t,
                         reduction)
@@ -304,7 +306,8 @@ def scalarized(init: Init, step: Step, *, method: str,
       value = jnp.sum(weights * losses)
     else:
       value = jnp.asarray(value, losses.dtype) * scale
-    return weights, value, _keep_finite(new_state, state, losses)
+    return weights, value, _keep_state(new_state, state, in_domain)
+
   def loss_fn(losses, state, **extra):
     live = _loss_vector(losses, num_tasks, method)
     fixed = jax.lax.stop_gradient(live)

@@ -13,12 +13,14 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.checks import (as_vector, check_num_tasks,
-                                       check_positive, concrete, static_int)
+                                       check_positive, concrete,
+                                       losses_in_domain, static_int)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
-                                                    check_loss_domain,
+                                                    bounded_below,
+                                                    finite,
                                                     loss_transformation,
                                                     preference_vector,
                                                     scalarized)
@@ -100,7 +102,7 @@ def _stch_weights_and_value(losses, *, mu, preference, reference, log_losses,
                             eps, method):
   t = losses.shape[0]
   check_positive(mu, "`mu`")
-  check_loss_domain(losses, method, nonnegative=log_losses)
+  losses_in_domain(losses, 0.0 if log_losses else None, method=method)
   lam = preference_vector(preference, t, 1.0 if log_losses else 1.0 / t)
   if log_losses:
     n = jnp.broadcast_to(jnp.asarray(1.0 if reference is None else reference,
@@ -228,8 +230,10 @@ def stch(*, num_tasks: int, warmup_steps: int, mu: float = 1.0,
 
   The losses (extra argument ``losses``) are needed; with ``log_losses``
   they must be :math:`\ge 0` (a ValueError for concrete ones; a loss of
-  exactly 0 gets the weight :math:`1/\epsilon`, as in the authors' code). A
-  step with a non-finite loss leaves the nadir estimate unchanged. The
+  exactly 0 gets the weight :math:`1/\epsilon`, as in the authors' code).
+  Under ``jit`` a step with a loss outside that (a non-finite one, or a
+  negative one in the log form) leaves the whole state as it was: it is not
+  counted, so the warm-up and the nadir estimate use good steps only. The
   one-backward-pass form is :func:`pcgrad_optax.scalarization.stch_loss`.
 
   @WEIGHTS_SHARED_LEAVES@
@@ -280,7 +284,9 @@ def stch(*, num_tasks: int, warmup_steps: int, mu: float = 1.0,
   init, step = _stch_method(num_tasks, mu, warmup_steps, nadir_steps,
                             preference, reference, log_losses, eps, "stch")
   return loss_transformation(init, step, method="stch", num_tasks=num_tasks,
-                             reduction=reduction, shared=shared)
+                             reduction=reduction, shared=shared,
+                             domain=bounded_below(0.0) if log_losses
+                             else finite)
 
 
 def stch_loss(*, num_tasks: int, warmup_steps: int, mu: float = 1.0,
@@ -322,4 +328,5 @@ def stch_loss(*, num_tasks: int, warmup_steps: int, mu: float = 1.0,
                             preference, reference, log_losses, eps,
                             "stch_loss")
   return scalarized(init, step, method="stch_loss", num_tasks=num_tasks,
-                    reduction=reduction)
+                    reduction=reduction,
+                    domain=bounded_below(0.0) if log_losses else finite)

@@ -19,6 +19,7 @@ from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
+                                                    bounded_below,
                                                     loss_transformation,
                                                     scalarized)
 
@@ -138,7 +139,12 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
   losses that vary by orders of magnitude; ``optimizer=optax.adam(1e-2)``
   is scale free.
 
-  The losses are the extra argument ``losses`` of ``update``.
+  The losses are the extra argument ``losses`` of ``update``. They must be
+  finite and :math:`\ge 0` (below 0 the objective is unbounded below in
+  :math:`s`): concrete ones outside that raise a ``ValueError``; under
+  ``jit`` such a step leaves the whole state (:math:`s`, its optimiser,
+  the weights record) as it was, and the update is the usual one, :math:`\sum_t a_t e^{-s_t} g_t`
+  with the current :math:`s` (the weights do not use the step's losses).
 
   The one-backward-pass form (no per-task gradients) is
   :func:`pcgrad_optax.scalarization.uncertainty_loss`.
@@ -190,7 +196,7 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
                                    init_log_vars, optimizer)
   return loss_transformation(init, step, method="uncertainty",
                              num_tasks=num_tasks, reduction=reduction,
-                             shared=shared)
+                             shared=shared, domain=bounded_below(0.0))
 
 
 def _uncertainty_method(num_tasks, learning_rate, task_types, init_log_vars,
@@ -275,4 +281,5 @@ def uncertainty_loss(*, num_tasks: int, learning_rate: float = 1e-2,
   init, step = _uncertainty_method(num_tasks, learning_rate, task_types,
                                    init_log_vars, optimizer)
   return scalarized(init, step, method="uncertainty_loss",
-                    num_tasks=num_tasks, reduction=reduction)
+                    num_tasks=num_tasks, reduction=reduction,
+                    domain=bounded_below(0.0))

@@ -180,7 +180,12 @@ def test_stch_state_never_nan():
   _, state = update(grads, state, PARAMS, losses=jnp.array([jnp.nan, 2.0]))
   _, state = update(grads, state, PARAMS, losses=jnp.array([3.0, jnp.inf]))
   np.testing.assert_allclose(state.loss_sum, [1.0, 2.0])
-  assert int(state.count) == 3
+  # A step outside the domain is not counted (the whole state is kept), so
+  # the warm-up goes on and the nadir averages warmup_steps good steps.
+  assert int(state.count) == 1
+  _, state = update(grads, state, PARAMS, losses=jnp.array([3.0, 4.0]))
+  assert int(state.count) == 2
+  np.testing.assert_allclose(state.loss_sum, [4.0, 6.0])
   # A zero nadir (all warm-up losses 0) is replaced by 1, not divided by.
   tx = po.stch(num_tasks=2, warmup_steps=1)
   state = tx.init(PARAMS)
