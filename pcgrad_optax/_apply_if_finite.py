@@ -10,7 +10,8 @@ import optax
 
 # A module import: apply_if_finite has an argument named num_tasks.
 from pcgrad_optax._core import stacked
-from pcgrad_optax._core.checks import check_num_tasks
+from pcgrad_optax._core.checks import check_num_tasks, static_int
+from pcgrad_optax._core.transform import Aggregator
 
 # The extra arguments of ``update`` that hold one loss per task: checked for
 # finiteness with the gradients and, when tasks are dropped, repaired.
@@ -72,7 +73,7 @@ def apply_if_finite(inner: optax.GradientTransformation,
                     max_consecutive_errors: int, *,
                     drop_nonfinite_tasks: bool = False,
                     num_tasks: int | None = None
-                    ) -> optax.GradientTransformationExtraArgs:
+                    ) -> Aggregator:
   r"""Skips steps whose stacked gradients or losses are not finite.
 
   The stacked-gradient counterpart of ``optax.apply_if_finite``, with its
@@ -86,8 +87,9 @@ def apply_if_finite(inner: optax.GradientTransformation,
   logits, GradVac's targets, the log-variances, PRNG counters, the
   optimiser's moments). After ``max_consecutive_errors`` consecutive skipped
   steps the next one is applied anyway, non-finite inputs included, as
-  optax does. Under ``jit`` the choice is a ``lax.cond``: no Python
-  branching on values; the finiteness check is one pass over the gradients,
+  optax does. Under ``jit`` the choice is a ``lax.cond`` (eagerly, where
+  the values are known, a Python branch, so that nothing compiles on every
+  call); the finiteness check is one pass over the gradients,
   paid only by the wrapped transformation.
 
   Dropping tasks (``drop_nonfinite_tasks=True``, for data where a task's
@@ -132,16 +134,18 @@ def apply_if_finite(inner: optax.GradientTransformation,
   Args:
     inner: transformation taking stacked gradients.
     max_consecutive_errors: number of consecutive non-finite steps that are
-      skipped; the next one is applied.
+      skipped; the next one is applied (an int, or an integer array, also a
+      traced one under ``optax.inject_hyperparams``).
     drop_nonfinite_tasks: drop only the offending tasks (see above) instead
       of skipping the step.
     num_tasks: T; needed with ``drop_nonfinite_tasks=True`` (the per-task
       record is allocated at ``init``, where only the params are seen).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with an
-    :class:`ApplyIfFiniteState`. ``update(grads, state, params=None,
-    **extra_args)`` passes the extra arguments on to ``inner``.
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``, like the transformations it wraps)
+    with an :class:`ApplyIfFiniteState`. ``update(grads, state,
+    params=None, **extra_args)`` passes the extra arguments on to ``inner``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -164,10 +168,9 @@ def apply_if_finite(inner: optax.GradientTransformation,
     >>> u["w"], s.tasks.dropped_count  # task 1 dropped, task 0 applied
     (Array([1., 0.], dtype=float32), Array([0, 1], dtype=int32))
   """
-  if not isinstance(max_consecutive_errors, int) or isinstance(
-      max_consecutive_errors, bool) or max_consecutive_errors < 0:
-    raise ValueError("max_consecutive_errors must be an int >= 0, got "
-                     f"{max_consecutive_errors!r}.")
+  # An int, or an array (also a traced one: optax.inject_hyperparams),
+  # validated when concrete.
+  static_int(max_consecutive_errors, "max_consecutive_errors", minimum=0)
   if drop_nonfinite_tasks:
     if num_tasks is None:
       raise ValueError("apply_if_finite(drop_nonfinite_tasks=True) needs "
@@ -247,9 +250,11 @@ def apply_if_finite(inner: optax.GradientTransformation,
       return (_zeros_like_output(inner, inputs, state.inner_state, params,
                                  args), state.inner_state)
 
-    out, inner_state = jax.lax.cond(
-        usable | (notfinite_count > max_consecutive_errors),
-        do_update, reject_update, None)
+    apply = usable | (notfinite_count > max_consecutive_errors)
+    if isinstance(apply, jax.core.Tracer):
+      out, inner_state = jax.lax.cond(apply, do_update, reject_update, None)
+    else:   # eagerly, a Python branch: a cond would compile on every call
+      out, inner_state = (do_update if bool(apply) else reject_update)(None)
 
     tasks = state.tasks
     if drop_nonfinite_tasks:   # recorded on the steps applied as usable
@@ -269,4 +274,4 @@ def apply_if_finite(inner: optax.GradientTransformation,
             optax.safe_increment(state.total_notfinite)),
         inner_state=inner_state, tasks=tasks)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

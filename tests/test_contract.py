@@ -69,6 +69,18 @@ def with_args(factory, **fixed):
   return make
 
 
+def pcgrad_if_finite(max_consecutive_errors, *, num_tasks=None,
+                     reduction="sum", shared=None):
+  """``apply_if_finite`` around PCGrad as one factory, for the optax checks.
+
+  ``inject_hyperparams`` then injects ``max_consecutive_errors`` and
+  ``num_tasks``.
+  """
+  return pcgrad_optax.apply_if_finite(
+      pcgrad_optax.pcgrad(num_tasks=num_tasks, reduction=reduction,
+                          shared=shared),
+      max_consecutive_errors)
+
 
 def task_losses(t):
   # Positive, distinct losses so every loss-based weighting is exercised.
@@ -122,8 +134,7 @@ SPECS = [
     Spec("pbi", pcgrad_optax.pbi, extra_args=task_losses),
     # apply_if_finite around an aggregator passes the contract too.
     Spec("apply_if_finite",
-         lambda **kw: pcgrad_optax.apply_if_finite(pcgrad_optax.pcgrad(**kw),
-                                                   3)),
+         with_args(pcgrad_if_finite, max_consecutive_errors=3)),
 ]
 
 
