@@ -39,6 +39,12 @@ FAMILIES = {
     "graddrop": lambda: po.graddrop(3),
     "dwa": lambda: po.dwa(num_tasks=T),
     "rlw": lambda: po.rlw(4),
+    # Issue 13's loss-level methods (STCH through its warm-up step too).
+    "imtl_l": lambda: po.imtl_l(num_tasks=T, learning_rate=0.5),
+    "stch": lambda: po.stch(num_tasks=T, warmup_steps=1),
+    "geometric_mean": lambda: po.geometric_mean(num_tasks=T),
+    "cosmos": lambda: po.cosmos(lambda_=1.0, num_tasks=T),
+    "pbi": lambda: po.pbi(num_tasks=T),
 }
 
 

@@ -152,3 +152,43 @@ def test_nan_loss_does_not_freeze_optax_apply_if_finite_after_it(name):
   assert int(guard.notfinite_count) == 0
   for leaf in jax.tree.leaves(state[0]):
     assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+# The one-backward-pass path checks the same domain in the same shared code:
+# the same errors for concrete losses, the same kept state and the same
+# weights under jit as the transformation (shared=None) on EYE.
+LOSS_MAKERS = {
+    "famo": lambda: po.scalarization.famo_loss(num_tasks=2,
+                                               learning_rate=0.5),
+    "uncertainty": lambda: po.scalarization.uncertainty_loss(
+        num_tasks=2, learning_rate=0.5),
+    "dwa": lambda: po.scalarization.dwa_loss(num_tasks=2),
+    "imtl_l": lambda: po.scalarization.imtl_l_loss(num_tasks=2,
+                                                   learning_rate=0.5),
+    "stch": lambda: po.scalarization.stch_loss(num_tasks=2, warmup_steps=1),
+}
+TX_MAKERS = dict(MAKERS, imtl_l=lambda: po.imtl_l(num_tasks=2,
+                                                  learning_rate=0.5),
+                 stch=lambda: po.stch(num_tasks=2, warmup_steps=1))
+
+
+@pytest.mark.parametrize("bad", [[1.0, NAN], [float("inf"), 1.0], [-1.0, 1.0]],
+                         ids=["nan", "inf", "negative"])
+@pytest.mark.parametrize("name", sorted(LOSS_MAKERS))
+def test_one_pass_same_domain_as_the_transformation(name, bad):
+  scal = LOSS_MAKERS[name]()
+  task = 1 if np.isnan(bad[1]) else 0
+  with pytest.raises(ValueError, match=rf"{name}_loss: `losses` must be "
+                                       rf"finite.*task\(s\) \[{task}\]"):
+    scal.weights(jnp.array(bad), scal.init())
+  step = jax.jit(scal.weights)
+  state, states, weights = scal.init(), [], []
+  for losses in GOOD[:2] + [bad] + GOOD[2:]:
+    w, state = step(jnp.asarray(losses, jnp.float32), state)
+    states.append(state)
+    weights.append(np.asarray(w))
+  assert_trees_identical(states[2], states[1])
+  outs, tx_states = _run(TX_MAKERS[name](), GOOD[:2] + [bad] + GOOD[2:])
+  for n in range(5):
+    np.testing.assert_allclose(weights[n], outs[n], rtol=1e-6, atol=1e-7)
+    assert_trees_identical(states[n], tx_states[n])
