@@ -143,8 +143,10 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
   finite and :math:`\ge 0` (below 0 the objective is unbounded below in
   :math:`s`): concrete ones outside that raise a ``ValueError``; under
   ``jit`` such a step leaves the whole state (:math:`s`, its optimiser,
-  the weights record) as it was, and the update is the usual one, :math:`\sum_t a_t e^{-s_t} g_t`
-  with the current :math:`s` (the weights do not use the step's losses).
+  the weights record) as it was, and the update is the usual one,
+  :math:`\sum_t a_t e^{-s_t} g_t` with the current :math:`s` (the weights
+  do not use the step's losses). The same holds for
+  :func:`pcgrad_optax.scalarization.uncertainty_loss`.
 
   The one-backward-pass form (no per-task gradients) is
   :func:`pcgrad_optax.scalarization.uncertainty_loss`.
