@@ -29,6 +29,11 @@ from pcgrad_optax.aggregation._pcgrad import random_orders
 from pcgrad_optax.aggregation._sum import sum_weighting as sum  # noqa: A004
 from pcgrad_optax.aggregation._upgrad import upgrad_weighting as upgrad
 from pcgrad_optax.scalarization._dwa import dwa_weighting as dwa
+# Issue 13: FairGrad, Krum, constant weights, CR-MOGM.
+from pcgrad_optax.aggregation._constant import constant_weighting as constant
+from pcgrad_optax.aggregation._cr_mogm import cr_mogm_weighting as cr_mogm
+from pcgrad_optax.aggregation._fairgrad import fairgrad_weighting as fairgrad
+from pcgrad_optax.aggregation._krum import krum_weighting as krum
 from pcgrad_optax.scalarization._famo import famo_weighting as famo
 from pcgrad_optax.scalarization._rlw import rlw_weighting as rlw
 from pcgrad_optax.scalarization._uncertainty import (
@@ -53,4 +58,9 @@ __all__ = [
     "sum",
     "uncertainty",
     "upgrad",
+    # Issue 13.
+    "constant",
+    "cr_mogm",
+    "fairgrad",
+    "krum",
 ]

@@ -87,6 +87,21 @@ SPECS = [
          extra_args=task_losses),
     Spec("dwa", per_task_count(pcgrad_optax.dwa), extra_args=task_losses),
     Spec("famo", per_task_count(pcgrad_optax.famo), extra_args=task_losses),
+    # Issue 13. FairGrad's update for one task is |g|^(-2a/(a+1)) g (the
+    # unit gradient at alpha = 1); Krum and the trimmed mean (trim=1) need
+    # three tasks; constant weights and CR-MOGM's state have length T.
+    Spec("fairgrad", lambda **kw: pcgrad_optax.fairgrad(**kw),
+         identity_at_t1=False),
+    Spec("krum", lambda **kw: pcgrad_optax.krum(0, **kw), min_tasks=3),
+    Spec("trimmed_mean", lambda **kw: pcgrad_optax.trimmed_mean(1, **kw),
+         min_tasks=3),
+    Spec("constant", per_task_count(
+        lambda num_tasks, **kw: pcgrad_optax.constant(
+            np.linspace(0.5, 1.0, num_tasks) if num_tasks > 1 else [1.0],
+            **kw))),
+    Spec("cr_mogm", per_task_count(
+        lambda **kw: pcgrad_optax.cr_mogm(pcgrad_optax.weighting.mgda, 0.5,
+                                          **kw))),
 ]
 
 

@@ -72,6 +72,13 @@ from pcgrad_optax.aggregation._pcgrad import PCGradState
 from pcgrad_optax.aggregation._pcgrad import pcgrad
 from pcgrad_optax.aggregation._sum import sum  # noqa: A004 (the method's name)
 from pcgrad_optax.aggregation._upgrad import upgrad
+# Issue 13: FairGrad, Krum, trimmed mean, constant weights, CR-MOGM.
+from pcgrad_optax.aggregation._constant import constant
+from pcgrad_optax.aggregation._cr_mogm import CRMOGMState
+from pcgrad_optax.aggregation._cr_mogm import cr_mogm
+from pcgrad_optax.aggregation._fairgrad import fairgrad
+from pcgrad_optax.aggregation._krum import krum
+from pcgrad_optax.aggregation._trimmed_mean import trimmed_mean
 
 __all__ = [
     "GradDropState",
@@ -90,4 +97,11 @@ __all__ = [
     "pcgrad",
     "sum",
     "upgrad",
+    # Issue 13.
+    "CRMOGMState",
+    "constant",
+    "cr_mogm",
+    "fairgrad",
+    "krum",
+    "trimmed_mean",
 ]
