@@ -66,16 +66,17 @@ def cr_mogm_weighting(gram: jax.Array, previous: jax.Array, *,
     ``(T,)`` smoothed weights :math:`\lambda_k`.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, numpy as np
     >>> import pcgrad_optax
     >>> g = jnp.array([[1., 0.], [0., 3.]])
-    >>> print(jnp.round(pcgrad_optax.weighting.mgda(g @ g.T), 4))  # fresh
-    [0.9 0.1]
+    >>> fresh = pcgrad_optax.weighting.mgda(g @ g.T)
+    >>> np.round(np.asarray(fresh, np.float64), 4)
+    array([0.9, 0.1])
     >>> w = pcgrad_optax.weighting.cr_mogm(
     ...     g @ g.T, jnp.array([0.5, 0.5]),
     ...     weighting=pcgrad_optax.weighting.mgda, beta=0.5)
-    >>> print(jnp.round(w, 4))
-    [0.7 0.3]
+    >>> np.round(np.asarray(w, np.float64), 4)
+    array([0.7, 0.3])
 
   References:
     Zhou, Zhang, Jiang, Zhong, Gu & Zhu, `On the Convergence of Stochastic
@@ -169,18 +170,18 @@ def cr_mogm(weighting: Callable[[jax.Array], jax.Array],
     :class:`CRMOGMState`.
 
   Example:
-    >>> import jax.numpy as jnp
+    >>> import jax.numpy as jnp, numpy as np
     >>> import pcgrad_optax
     >>> tx = pcgrad_optax.cr_mogm(pcgrad_optax.weighting.mgda, 0.5,
     ...                           num_tasks=2)
     >>> params = {"w": jnp.zeros(2)}
     >>> state = tx.init(params)
     >>> u, state = tx.update({"w": jnp.array([[1., 0.], [0., 3.]])}, state)
-    >>> print(jnp.round(state.weights, 4))    # the first step: MGDA's own
-    [0.9 0.1]
+    >>> np.round(np.asarray(state.weights, np.float64), 4)  # MGDA's own
+    array([0.9, 0.1])
     >>> u, state = tx.update({"w": jnp.array([[3., 0.], [0., 1.]])}, state)
-    >>> print(jnp.round(state.weights, 4))    # (0.9, 0.1) / 2 + (0.1, 0.9) / 2
-    [0.5 0.5]
+    >>> np.round(np.asarray(state.weights, np.float64), 4)  # EMA, beta 1/2
+    array([0.5, 0.5])
 
   References:
     Zhou, Zhang, Jiang, Zhong, Gu & Zhu, `On the Convergence of Stochastic

@@ -58,12 +58,15 @@ def _fair_weights(k, alpha, ridge):
     return quad - barrier, jnp.abs(quad) + jnp.sum(jnp.abs(h(w)))
 
   def cond(state):
-    it, _, dec, prev_dec, stalled = state
-    converging = (dec > 4 * t * eps) & ~((dec < 1e-3) & (dec > prev_dec / 4))
+    it, _, dec, prev_dec, stalled, full = state
+    # Converged: the decrement is at round-off, or full Newton steps stopped
+    # shrinking it (round-off of the float32 equation).
+    converging = (dec > 4 * t * eps) & ~(full & (dec < 1e-3)
+                                         & (dec >= prev_dec))
     return (it < _MAX_NEWTON_STEPS) & converging & ~stalled
 
   def body(state):
-    it, w, dec_prev, _, _ = state
+    it, w, dec_prev, _, _, _ = state
     grad = mm(mat, w) - power(w, -inv_alpha)
     hess = mat + jnp.diag(inv_alpha * power(w, -inv_alpha - 1))
     chol = jax.scipy.linalg.cho_factor(hess, lower=True)
@@ -93,16 +96,14 @@ def _fair_weights(k, alpha, ridge):
         dec)
     stalled = ~finite | (j >= _MAX_HALVINGS)
     return (it + 1, jnp.where(finite, new_w, w), jnp.where(finite, dec, 0),
-            dec_prev, stalled)
+            dec_prev, stalled, size >= 1)
 
-  # Start from the best common weight s: s * mean_i (K 1)_i = s^(-1/alpha).
-  row = jnp.sum(mat) / t
-  row = jnp.where(row > eps, row, 1)
-  start = power(row, -1 / (1 + inv_alpha))
-  init = (jnp.zeros((), jnp.int32), jnp.full((t,), start, dtype),
+  # Start from the decoupled solution K_ii w_i = w_i^(-1/alpha).
+  start = power(jnp.diagonal(mat), -1 / (1 + inv_alpha))
+  init = (jnp.zeros((), jnp.int32), start,
           jnp.full((), jnp.inf, dtype), jnp.full((), jnp.inf, dtype),
-          jnp.zeros((), bool))
-  _, w, _, _, _ = lax.while_loop(cond, body, init)
+          jnp.zeros((), bool), jnp.zeros((), bool))
+  _, w, _, _, _, _ = lax.while_loop(cond, body, init)
   return w, active
 
 
