@@ -203,7 +203,45 @@ def methods(num_tasks: int) -> dict:
       "graddrop": (lambda: px.graddrop(0), jd.GradDrop,
                    "representation gradients only"),
       "rlw": (lambda: px.rlw(0), jd.Random, "loss-level only"),
+      **issue13_methods(num_tasks),
   }
+
+
+def issue13_methods(num_tasks: int) -> dict:
+  """FairGrad, Krum, the trimmed mean, constant weights, CR-MOGM.
+
+  Matched hyper-parameters: FairGrad alpha = 1 without our ridge (torchjd
+  solves the equation with SciPy's least_squares); Krum with f = 1 scoring
+  by distances (torchjd's convention; squared distances are the paper's
+  and our default); CR-MOGM around UPGrad with beta = torchjd's alpha = 0.9
+  (both the decay of the previous weights), stepped side by side in
+  ``cross_check``. Krum needs T >= 4 and the trimmed mean T >= 3. None of
+  them is in LibMTL 1.1.5.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from torchjd import aggregation as jd  # pylint: disable=g-import-not-at-top
+  px = pcgrad_optax
+  weights = np.linspace(0.5, 1.5, num_tasks).astype(np.float32)
+  out = {
+      "fairgrad": (lambda: px.fairgrad(1.0, ridge=0.0),
+                   lambda: jd.FairGrad(alpha=1.0), "not in LibMTL 1.1.5"),
+      "constant": (lambda: px.constant(weights),
+                   lambda: jd.Constant(torch.from_numpy(weights)),
+                   "loss-level only (EW)"),
+      "cr_mogm": (lambda: px.cr_mogm(px.weighting.upgrad, 0.9,
+                                     num_tasks=num_tasks),
+                  lambda: jd.GramianWeightedAggregator(
+                      jd.CRMOGMWeighting(jd.UPGradWeighting(), alpha=0.9)),
+                  "not in LibMTL"),
+  }
+  if num_tasks >= 3:
+    out["trimmed_mean"] = (lambda: px.trimmed_mean(1),
+                           lambda: jd.TrimmedMean(trim_number=1),
+                           "not in LibMTL")
+  if num_tasks >= 4:
+    out["krum"] = (lambda: px.krum(1, squared=False),
+                   lambda: jd.Krum(n_byzantine=1), "not in LibMTL")
+  return out
 
 
 # Extra (T, P) float32 buffers an implementation allocates beyond its input,
@@ -303,6 +341,10 @@ def cross_check(libmtl, num_tasks: int = 5, seed: int = 1) -> dict:
     for name, (ours, theirs, lib) in methods(t).items():
       if name in ("pcgrad", "graddrop", "rlw") or (name == "gradvac" and t > 2):
         continue        # random: pcgrad is checked by bench_pcgrad.py
+      if name == "cr_mogm":   # stateful: three steps side by side
+        err = stepped_cross_check(ours, theirs, t, seed, params)
+        out[(name, "torchjd")] = max(out.get((name, "torchjd"), 0.0), err)
+        continue
       tx = ours()
       update, _ = jax.jit(tx.update)(stacked, tx.init(params))
       mine = np.concatenate([np.asarray(update[k]).ravel()
@@ -316,6 +358,31 @@ def cross_check(libmtl, num_tasks: int = 5, seed: int = 1) -> dict:
         err = float(np.abs(mine - value).max() / np.abs(value).max())
         out[(name, peer)] = max(out.get((name, peer), 0.0), err)
   return out
+
+
+def stepped_cross_check(ours, theirs, num_tasks, seed, params,
+                        steps: int = 3) -> float:
+  """Max relative difference over ``steps`` updates of a stateful method.
+
+  Ours and the peer's aggregator (holding its own state) see the same
+  sequence of stacked gradients.
+  """
+  torch = torch_setup()
+  tx, agg = ours(), theirs()
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  worst = 0.0
+  for k in range(steps):
+    matrix, stacked = make_data(num_tasks, model_leaves(25_000),
+                                seed + 100 * k)
+    update, state = step(stacked, state)
+    mine = np.concatenate([np.asarray(update[key]).ravel()
+                           for key in sorted(update)])
+    with torch.no_grad():
+      value = agg(torch.from_numpy(matrix)).numpy()
+    worst = max(worst, float(np.abs(mine - value).max()
+                             / np.abs(value).max()))
+  return worst
 
 
 def versions() -> str:
@@ -371,7 +438,7 @@ def fastest_peer(cell, name):
 
 def tables(cells, names, libmtl) -> list:
   lines = []
-  libmtl_entries = {name: entry[2] for name, entry in methods(2).items()}
+  libmtl_entries = {name: entry[2] for name, entry in methods(8).items()}
   # Summary: ours / fastest peer, one column per cell.
   head = [f"T={c['T']}, P={c['P'] / 1e6:.3g}M" for c in cells]
   lines += ["| method | " + " | ".join(head) + " |",
@@ -526,7 +593,7 @@ def main(argv=None):
           f"{k} {v * 1e3:.1f}" for k, v in cell["times"].items())
             + (f"; skipped {cell['skipped']}" if cell["skipped"] else ""),
             flush=True)
-  names = list(methods(2))
+  names = list(methods(8))   # T >= 4: every method (Krum needs 4)
   body = tables(cells, names, libmtl)
   print("\n".join(body))
   if args.out is None:
