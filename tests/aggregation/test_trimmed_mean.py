@@ -86,9 +86,18 @@ def test_argument_checks():
   grads = {"w": jnp.ones((4, 3))}
   with pytest.raises(ValueError, match=r"2 \* trim < T"):
     jax.jit(lambda g: tx.update(g, tx.init({"w": jnp.zeros(3)}))[0])(grads)
-  po.trimmed_mean(2).update({"w": jnp.ones((5, 3))}, optax_empty())
+  out, _ = po.trimmed_mean(2).update({"w": jnp.ones((5, 3))}, optax_empty())
+  np.testing.assert_array_equal(out["w"], 1.0)
 
 
 def optax_empty():
   import optax  # pylint: disable=g-import-not-at-top
   return optax.EmptyState()
+
+
+def test_single_task_and_zero_or_opposite():
+  g = np.random.default_rng(4).standard_normal((1, 6))
+  np.testing.assert_allclose(run(g, 0), g[0], rtol=1e-6)
+  opposite = np.concatenate([g, -g, np.zeros_like(g)])
+  np.testing.assert_array_equal(run(opposite, 1), 0.0)
+  np.testing.assert_array_equal(run(np.zeros((3, 6)), 1), 0.0)
