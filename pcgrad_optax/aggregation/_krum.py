@@ -2,7 +2,7 @@
 
 Blanchard, El Mhamdi, Guerraoui & Stainer, `Machine Learning with
 Adversaries: Byzantine Tolerant Gradient Descent
-<https://papers.nips.cc/paper/6617-machine-learning-with-adversaries-byzantine-tolerant-gradient-descent>`_,
+<https://arxiv.org/abs/1703.02757>`_,
 NeurIPS 2017.
 """
 
@@ -99,7 +99,7 @@ def krum_weighting(gram: jax.Array, *, num_byzantine: int,
   References:
     Blanchard, El Mhamdi, Guerraoui & Stainer, `Machine Learning with
     Adversaries: Byzantine Tolerant Gradient Descent
-    <https://papers.nips.cc/paper/6617-machine-learning-with-adversaries-byzantine-tolerant-gradient-descent>`_,
+    <https://arxiv.org/abs/1703.02757>`_,
     NeurIPS 2017.
   """
   gram = check_gram(gram)
@@ -144,7 +144,7 @@ def krum(num_byzantine: int, num_selected: int = 1, *, squared: bool = True,
   References:
     Blanchard, El Mhamdi, Guerraoui & Stainer, `Machine Learning with
     Adversaries: Byzantine Tolerant Gradient Descent
-    <https://papers.nips.cc/paper/6617-machine-learning-with-adversaries-byzantine-tolerant-gradient-descent>`_,
+    <https://arxiv.org/abs/1703.02757>`_,
     NeurIPS 2017.
   """
   _check_counts(num_byzantine, num_selected, None)

@@ -46,7 +46,8 @@ def _trimmed_sum_by_rounds(x, trim, acc):
   """
   t = x.shape[0]
   shape = x.shape[1:]
-  row = lambda i: lax.dynamic_index_in_dim(x, i, 0, False).astype(acc)  # noqa: E731
+  def row(i):
+    return lax.dynamic_index_in_dim(x, i, 0, False).astype(acc)
 
   def pick(r, chosen):
     sign = jnp.where(r < trim, 1, -1).astype(acc)

@@ -20,6 +20,7 @@ import scipy.optimize
 import matrix_families as mf
 import pcgrad_optax as po
 from gram_cases import gram32, make_case, rel_err, update, worst_error
+from gram_references import ref_nash_mtl
 
 W = po.weighting
 ALPHAS = (0.1, 0.5, 1.0, 2.0, 10.0)
@@ -195,6 +196,5 @@ def test_bad_arguments():
 
 def test_rel_err_reference_sanity():
   # The reference itself: alpha = 1 agrees with Nash-MTL's float64 solution.
-  from gram_references import ref_nash_mtl  # pylint: disable=g-import-not-at-top
   g = make_case("random", 3, 4)
   assert rel_err(ref_fairgrad(g, 1.0), ref_nash_mtl(g), g) < 1e-8
