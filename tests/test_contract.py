@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import pcgrad_optax
-from contract import CONTRACT_CHECKS, Spec
+from contract import CONTRACT_CHECKS, OPTAX_T, Spec
 
 # The task counts the contract's checks use. gradvac, uncertainty, dwa and
 # famo allocate per-task state at init (where only params are seen), so they
@@ -51,6 +51,31 @@ def per_task_count(factory, **fixed):
 
   make.factory = factory
   make.kwargs = fixed
+  return make
+
+
+def with_args(factory, **fixed):
+  """A Spec factory: ``factory`` with ``fixed`` arguments (kept visible)."""
+
+  def make(**kwargs):
+    return factory(**fixed, **kwargs)
+
+  make.factory = factory
+  make.kwargs = fixed
+  return make
+
+
+def _constant_weights(t):
+  return np.linspace(0.5, 1.0, t) if t > 1 else np.ones(1)
+
+
+def constant_per_task_count():
+  """Constant weights of length T, one transform per task count."""
+  make = per_task_count(lambda num_tasks, **kw: pcgrad_optax.constant(
+      _constant_weights(num_tasks), num_tasks=num_tasks, **kw))
+  # The optax checks (OPTAX_T tasks) build the factory itself.
+  make.factory = pcgrad_optax.constant
+  make.kwargs = {"weights": _constant_weights(OPTAX_T)}
   return make
 
 
@@ -93,18 +118,16 @@ SPECS = [
     # Issue 13. FairGrad's update for one task is |g|^(-2a/(a+1)) g (the
     # unit gradient at alpha = 1); Krum and the trimmed mean (trim=1) need
     # three tasks; constant weights and CR-MOGM's state have length T.
-    Spec("fairgrad", lambda **kw: pcgrad_optax.fairgrad(**kw),
-         identity_at_t1=False),
-    Spec("krum", lambda **kw: pcgrad_optax.krum(0, **kw), min_tasks=3),
-    Spec("trimmed_mean", lambda **kw: pcgrad_optax.trimmed_mean(1, **kw),
+    Spec("fairgrad", pcgrad_optax.fairgrad, identity_at_t1=False),
+    Spec("krum", with_args(pcgrad_optax.krum, num_byzantine=0),
          min_tasks=3),
-    Spec("constant", per_task_count(
-        lambda num_tasks, **kw: pcgrad_optax.constant(
-            np.linspace(0.5, 1.0, num_tasks) if num_tasks > 1 else [1.0],
-            **kw))),
-    Spec("cr_mogm", per_task_count(
-        lambda **kw: pcgrad_optax.cr_mogm(pcgrad_optax.weighting.mgda, 0.5,
-                                          **kw))),
+    Spec("trimmed_mean", with_args(pcgrad_optax.trimmed_mean, trim=1),
+         min_tasks=3),
+    Spec("constant", constant_per_task_count()),
+    Spec("cr_mogm", per_task_count(pcgrad_optax.cr_mogm,
+                                   weighting=pcgrad_optax.weighting.mgda,
+                                   beta=0.5),
+         static_args=("weighting",)),
 ]
 
 

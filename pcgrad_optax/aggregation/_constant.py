@@ -14,10 +14,14 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.aggregate import combine, resolve
+from pcgrad_optax._core.checks import check_num_tasks
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import documented
+from pcgrad_optax._core.transform import (Aggregator, GramState,
+                                          check_record, check_record_args,
+                                          documented, gram_transform,
+                                          init_record, record)
 
 
 def _check_weights(weights, t: int | None, dtype) -> jax.Array:
@@ -59,13 +63,15 @@ def constant_weighting(gram: jax.Array, weights: jax.Array) -> jax.Array:
 
 @documented
 def constant(weights: jax.Array, *, reduction: str = "sum",
-             shared: SharedMask = None
-             ) -> optax.GradientTransformationExtraArgs:
+             shared: SharedMask = None,
+             num_tasks: int | None = None, keep_gram: bool = False
+             ) -> Aggregator:
   r"""Fixed task weights: linear scalarisation with tuned weights.
 
   Shared leaves get :math:`\sum_t w_t g_t` with the given ``weights`` (the
   gradient of :math:`\sum_t w_t L_t`); heads get their plain sum. No Gram
-  matrix is built. The tuned-weights baseline that Xin et al. (2022) find
+  matrix is built, unless ``keep_gram=True`` asks for it in the state.
+  The tuned-weights baseline that Xin et al. (2022) find
   matches most multi-task optimisers when the weights are tuned.
 
   @FIRST_IN_CHAIN@
@@ -74,6 +80,7 @@ def constant(weights: jax.Array, *, reduction: str = "sum",
     weights: ``(T,)`` task weights (a Python sequence or a JAX array, also
       a traced one).
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -92,17 +99,30 @@ def constant(weights: jax.Array, *, reduction: str = "sum",
     <https://arxiv.org/abs/2209.11379>`_, NeurIPS 2022.
   """
   check_reduction(reduction)
-  _check_weights(weights, None, jnp.float32)
+  records = check_record_args(num_tasks, keep_gram, "constant")
+  expected = check_num_tasks(num_tasks) if records else None
+  _check_weights(weights, expected, jnp.float32)
+  if keep_gram:   # the state's Gram matrix needs the Gram pass
+    return gram_transform(lambda gram: constant_weighting(gram, weights),
+                          reduction=reduction, shared=shared,
+                          num_tasks=num_tasks, keep_gram=True,
+                          method="constant")
 
   def init_fn(params):
-    del params
-    return optax.EmptyState()
+    if not records:
+      return optax.EmptyState()
+    return GramState(*init_record(params, num_tasks, False, "constant"))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, None,
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
                                        "constant")
     w = _check_weights(weights, t, jnp.float32)
-    return combine(leaves, treedef, mask, w, reduction), state
+    out = combine(leaves, treedef, mask, w, reduction)
+    if not records:
+      return out, state
+    check_record(state.weights, t, "constant")
+    return out, GramState(*record(w, None, state.weights, None, t,
+                                  reduction))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

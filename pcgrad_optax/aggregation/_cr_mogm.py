@@ -17,17 +17,20 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.aggregate import combine_leaves, resolve
-from pcgrad_optax._core.checks import as_float, check_num_tasks
+from pcgrad_optax._core.checks import (check_num_tasks, check_scalar,
+                                       init_num_tasks)
 from pcgrad_optax._core.gram import check_gram, masked_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import documented
+from pcgrad_optax._core.transform import (Aggregator, check_record,
+                                          check_record_args, documented,
+                                          init_record)
 
 
 def _check_beta(beta) -> None:
-  value = as_float(beta)
-  if isinstance(value, float) and not 0.0 <= value <= 1.0:
-    raise ValueError(f"CR-MOGM's beta must be in [0, 1], got {beta!r}.")
+  # Concrete values (numbers or arrays) are validated; traced ones pass.
+  check_scalar(beta, "CR-MOGM's beta", lambda b: 0.0 <= b <= 1.0,
+               "in [0, 1]")
 
 
 def cr_mogm_weighting(gram: jax.Array, previous: jax.Array, *,
@@ -110,10 +113,16 @@ class CRMOGMState(NamedTuple):
   Attributes:
     count: number of updates done so far (int32).
     weights: ``(T,)`` float32 smoothed weights :math:`\\lambda_{k-1}` (the
-      initial weights before the first update).
+      initial weights before the first update): the last step's task
+      weights for ``reduction="sum"`` (``"mean"`` applies them divided by
+      T, the recurrence keeps them undivided).
+    gram: with ``keep_gram``, the last step's ``(T, T)`` Gram matrix of the
+      shared leaves (zeros before the first update, in the params'
+      accumulation dtype); else None.
   """
   count: jax.Array
   weights: jax.Array
+  gram: jax.Array | None = None
 
 
 @functools.partial(jax.jit, static_argnames=("weighting", "mask",
@@ -131,15 +140,15 @@ def _cr_mogm_step(leaves, previous, count, beta, *, weighting, mask,
     # the weighting's own weights.
     previous = jnp.where(count == 0, fresh.astype(previous.dtype), previous)
   smoothed = _ema(previous, fresh, beta, gram.dtype)
-  return combine_leaves(leaves, mask, smoothed, reduction), smoothed
+  return combine_leaves(leaves, mask, smoothed, reduction), smoothed, gram
 
 
 @documented
 def cr_mogm(weighting: Callable[[jax.Array], jax.Array],
             beta: float = 0.9, *, num_tasks: int,
             initial_weights: jax.Array | None = None,
-            reduction: str = "sum", shared: SharedMask = None
-            ) -> optax.GradientTransformationExtraArgs:
+            reduction: str = "sum", shared: SharedMask = None,
+            keep_gram: bool = False) -> Aggregator:
   r"""CR-MOGM (Zhou et al., 2022): smooth any Gram weighting over steps.
 
   Every step computes ``weighting``'s weights :math:`\hat\lambda_k` on the
@@ -164,10 +173,16 @@ def cr_mogm(weighting: Callable[[jax.Array], jax.Array],
     reduction: ``"sum"`` or ``"mean"`` (divides the update by T).
     shared: which leaves are shared parameters, as for
       :func:`pcgrad_optax.pcgrad`.
+    keep_gram: also keep the last step's ``(T, T)`` Gram matrix in the
+      state's ``gram`` (the smoothed weights are always kept).
+
+  With ``optax.inject_hyperparams``, pass ``static_args="weighting"`` (a
+  callable argument would be taken for a schedule), and also
+  ``"num_tasks"`` for a jitted ``init``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a
-    :class:`CRMOGMState`.
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`CRMOGMState`.
 
   Example:
     >>> import jax.numpy as jnp, numpy as np
@@ -190,33 +205,45 @@ def cr_mogm(weighting: Callable[[jax.Array], jax.Array],
     NeurIPS 2022.
   """
   check_reduction(reduction)
-  check_num_tasks(num_tasks)
+  expected = check_num_tasks(num_tasks)   # None when traced
+  check_record_args(num_tasks, keep_gram, "cr_mogm")
   _check_beta(beta)
   if not callable(weighting):
     raise ValueError(f"CR-MOGM's weighting must be a callable (T, T) -> "
                      f"(T,), got {weighting!r}.")
-  if initial_weights is not None:
-    initial = jnp.asarray(initial_weights, jnp.float32)
-    if initial.shape != (num_tasks,):
+
+  def initial(t):
+    if initial_weights is None:
+      return jnp.full((t,), 1.0 / t, jnp.float32)
+    w = jnp.asarray(initial_weights, jnp.float32)
+    if w.shape != (t,):
       raise ValueError(f"CR-MOGM's initial_weights must have shape (T,) = "
-                       f"({num_tasks},), got {initial.shape}.")
-  else:
-    initial = jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32)
+                       f"({t},), got {w.shape}.")
+    return w
+
+  if expected is not None:
+    initial(expected)   # its shape is checked at once
 
   def init_fn(params):
-    del params
-    return CRMOGMState(count=jnp.zeros([], jnp.int32), weights=initial)
+    t = init_num_tasks(expected, "cr_mogm")
+    _, gram = init_record(params, t, keep_gram, "cr_mogm")
+    return CRMOGMState(count=jnp.zeros([], jnp.int32), weights=initial(t),
+                       gram=gram)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, _ = resolve(updates, params, shared, num_tasks,
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
                                        "cr_mogm")
-    out, smoothed = _cr_mogm_step(
+    check_record(state.weights, t, "cr_mogm")
+    out, smoothed, gram = _cr_mogm_step(
         leaves, state.weights, state.count, jnp.asarray(beta, jnp.float32),
         weighting=weighting, mask=tuple(mask), reduction=reduction,
         restart=initial_weights is None)
+    if state.gram is not None:
+      gram = gram.astype(state.gram.dtype)
     return jax.tree.unflatten(treedef, out), CRMOGMState(
         optax.safe_increment(state.count),
-        smoothed.astype(state.weights.dtype))
+        smoothed.astype(state.weights.dtype),
+        None if state.gram is None else gram)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

@@ -10,13 +10,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
-from pcgrad_optax._core.checks import as_float
+from pcgrad_optax._core.checks import check_scalar
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.transform import documented, gram_transform
+from pcgrad_optax._core.transform import (Aggregator, documented,
+                                          gram_transform)
 from pcgrad_optax.aggregation._solvers import mm, normalized, solver_dtype
 
 _MAX_NEWTON_STEPS = 100
@@ -129,13 +129,11 @@ def _fairgrad(gram, alpha, ridge):
 
 
 def _check_alpha_ridge(alpha, ridge) -> None:
-  a = as_float(alpha)
-  if isinstance(a, float) and not (a > 0 and math.isfinite(a)):
-    raise ValueError(f"FairGrad's alpha must be finite and > 0, got {alpha}.")
-  r = as_float(ridge)
-  if isinstance(r, float) and not (r >= 0 and math.isfinite(r)):
-    raise ValueError(f"FairGrad's ridge must be finite and >= 0, got "
-                     f"{ridge}.")
+  # Concrete values (numbers or arrays) are validated; traced ones pass.
+  check_scalar(alpha, "FairGrad's alpha",
+               lambda a: a > 0 and math.isfinite(a), "finite and > 0")
+  check_scalar(ridge, "FairGrad's ridge",
+               lambda r: r >= 0 and math.isfinite(r), "finite and >= 0")
 
 
 def fairgrad_weighting(gram: jax.Array, *, alpha: float = 1.0,
@@ -206,8 +204,9 @@ def fairgrad_weighting(gram: jax.Array, *, alpha: float = 1.0,
 
 @documented
 def fairgrad(alpha: float = 1.0, *, ridge: float = 1e-6,
-             reduction: str = "sum", shared: SharedMask = None
-             ) -> optax.GradientTransformationExtraArgs:
+             reduction: str = "sum", shared: SharedMask = None,
+             num_tasks: int | None = None, keep_gram: bool = False
+             ) -> Aggregator:
   r"""FairGrad: :math:`\alpha`-fair task weights (Ban & Ji, 2024).
 
   Shared leaves get :math:`\sum_t w_t g_t` with :math:`K w =
@@ -222,6 +221,7 @@ def fairgrad(alpha: float = 1.0, *, ridge: float = 1e-6,
     ridge: diagonal added to the normalised Gram matrix (default ``1e-6``;
       0 exact).
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -241,4 +241,5 @@ def fairgrad(alpha: float = 1.0, *, ridge: float = 1e-6,
   _check_alpha_ridge(alpha, ridge)
   return gram_transform(
       lambda gram: fairgrad_weighting(gram, alpha=alpha, ridge=ridge),
-      reduction=reduction, shared=shared)
+      reduction=reduction, shared=shared, num_tasks=num_tasks,
+      keep_gram=keep_gram, method="fairgrad")

@@ -12,48 +12,52 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from pcgrad_optax._core.checks import static_int
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.transform import documented, gram_transform
+from pcgrad_optax._core.transform import (Aggregator, documented,
+                                          gram_transform)
 from pcgrad_optax.aggregation._solvers import solver_dtype
 
 
 def _check_counts(num_byzantine, num_selected, t: int | None) -> None:
-  for name, value, low in (("num_byzantine", num_byzantine, 0),
-                           ("num_selected", num_selected, 1)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-      raise ValueError(f"Krum's {name} must be an int >= {low}, got "
-                       f"{value!r}.")
+  # Concrete counts are validated (and checked against T); traced ones
+  # (optax.inject_hyperparams under jit) cannot be and pass.
+  f = static_int(num_byzantine, "Krum's num_byzantine", minimum=0)
+  m = static_int(num_selected, "Krum's num_selected")
   if t is None:
     return
-  if t < num_byzantine + 3:
+  if f is not None and t < f + 3:
     raise ValueError(
-        f"Krum needs T >= num_byzantine + 3 = {num_byzantine + 3} tasks "
+        f"Krum needs T >= num_byzantine + 3 = {f + 3} tasks "
         f"(every score sums the T - num_byzantine - 2 nearest others), got "
         f"T={t}.")
-  if t < num_selected:
-    raise ValueError(f"Krum's num_selected={num_selected} exceeds the "
+  if m is not None and t < m:
+    raise ValueError(f"Krum's num_selected={m} exceeds the "
                      f"number of tasks T={t}.")
 
 
-@functools.partial(jax.jit, static_argnames=("num_byzantine", "num_selected",
-                                             "squared"))
+@functools.partial(jax.jit, static_argnames=("squared",))
 def _krum(gram, num_byzantine, num_selected, squared):
+  # The counts are arrays (possibly traced): they enter as masks over the
+  # sorted distances and the score ranks, never as shapes.
   k = gram.astype(solver_dtype(gram))
   t = k.shape[0]
   sq = jnp.diagonal(k)
   dist = jnp.maximum(sq[:, None] + sq[None, :] - 2 * k, 0)
   if not squared:
     dist = jnp.sqrt(dist)
-  # Each task's score: the sum over its T - f - 2 nearest *other* tasks.
+  # Each task's score: the sum over its T - f - 2 nearest *other* tasks
+  # (its own distance sorts last, as inf).
   dist = jnp.where(jnp.eye(t, dtype=bool), jnp.inf, dist)
-  nearest = jnp.sort(dist, axis=1)[:, :t - num_byzantine - 2]
-  scores = jnp.sum(nearest, axis=1)
+  nearest = jnp.sort(dist, axis=1)
+  keep = jnp.arange(t) < t - num_byzantine - 2
+  scores = jnp.sum(jnp.where(keep[None, :], nearest, 0), axis=1)
   # The num_selected lowest scores (ties: the lower task index).
-  chosen = jnp.argsort(scores, stable=True)[:num_selected]
-  weights = jnp.zeros((t,), k.dtype).at[chosen].set(1.0 / num_selected)
+  rank = jnp.argsort(jnp.argsort(scores, stable=True), stable=True)
+  m = num_selected.astype(k.dtype)
+  weights = jnp.where(rank < num_selected, 1 / m, 0)
   return weights.astype(gram.dtype)
 
 
@@ -81,8 +85,9 @@ def krum_weighting(gram: jax.Array, *, num_byzantine: int,
 
   Args:
     gram: ``(T, T)`` Gram matrix.
-    num_byzantine: :math:`f \ge 0` (a Python int).
-    num_selected: :math:`m \ge 1` (a Python int), default 1 (Krum).
+    num_byzantine: :math:`f \ge 0`, an int (or an integer JAX array, also
+      a traced one; only concrete counts are checked against T).
+    num_selected: :math:`m \ge 1`, likewise, default 1 (Krum).
     squared: ``True`` (the paper) scores by squared distances; ``False``
       by distances, as torchjd does.
 
@@ -104,13 +109,15 @@ def krum_weighting(gram: jax.Array, *, num_byzantine: int,
   """
   gram = check_gram(gram)
   _check_counts(num_byzantine, num_selected, gram.shape[0])
-  return _krum(gram, num_byzantine, num_selected, bool(squared))
+  return _krum(gram, jnp.asarray(num_byzantine, jnp.int32),
+               jnp.asarray(num_selected, jnp.int32), bool(squared))
 
 
 @documented
 def krum(num_byzantine: int, num_selected: int = 1, *, squared: bool = True,
-         reduction: str = "sum", shared: SharedMask = None
-         ) -> optax.GradientTransformationExtraArgs:
+         reduction: str = "sum", shared: SharedMask = None,
+         num_tasks: int | None = None, keep_gram: bool = False
+         ) -> Aggregator:
   r"""Krum / Multi-Krum (Blanchard et al., 2017) on the task gradients.
 
   Shared leaves get the average of the ``num_selected`` task gradients with
@@ -119,7 +126,12 @@ def krum(num_byzantine: int, num_selected: int = 1, *, squared: bool = True,
   :func:`pcgrad_optax.weighting.krum`). A robust aggregator from federated
   learning: a task whose gradient is far from the others' is never chosen.
   ``T >= num_byzantine + 3`` and ``T >= num_selected`` are checked when the
-  update is traced.
+  update is traced, for concrete counts.
+
+  The counts are hyperparameters like any other: under
+  ``optax.inject_hyperparams`` they become (traced) int arrays and only mask
+  the sorted distances and the ranks of the scores, so no ``static_args``
+  are needed (a traced count is not checked against T).
 
   @FIRST_IN_CHAIN@
 
@@ -129,6 +141,7 @@ def krum(num_byzantine: int, num_selected: int = 1, *, squared: bool = True,
     squared: score by squared distances (the paper, default) or by
       distances (torchjd).
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -151,4 +164,5 @@ def krum(num_byzantine: int, num_selected: int = 1, *, squared: bool = True,
   return gram_transform(
       lambda gram: krum_weighting(gram, num_byzantine=num_byzantine,
                                   num_selected=num_selected, squared=squared),
-      reduction=reduction, shared=shared)
+      reduction=reduction, shared=shared, num_tasks=num_tasks,
+      keep_gram=keep_gram, method="krum")

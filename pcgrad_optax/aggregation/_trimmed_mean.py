@@ -18,16 +18,16 @@ import optax
 from jax import lax
 
 from pcgrad_optax._core.aggregate import resolve
+from pcgrad_optax._core.checks import static_int
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import accumulation_dtype, check_reduction
-from pcgrad_optax._core.transform import documented
+from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax._core.weighted_sum import leaf_weighted_sum, sum_over_tasks
 
 
-def _check_trim(trim) -> None:
-  if not isinstance(trim, int) or isinstance(trim, bool) or trim < 0:
-    raise ValueError(f"trimmed_mean's trim must be an int >= 0, got "
-                     f"{trim!r}.")
+def _check_trim(trim) -> int | None:
+  """A concrete ``trim`` as an int (validated); None when traced."""
+  return static_int(trim, "trimmed_mean's trim", minimum=0)
 
 
 # Up to this trim, select the extremes by rounds of passes over the task
@@ -91,10 +91,31 @@ def _trimmed_mean_step(leaves, *, mask, trim, reduction):
   return out
 
 
+@functools.partial(jax.jit, static_argnames=("mask", "reduction"))
+def _trimmed_mean_traced_step(leaves, trim, *, mask, reduction):
+  # A traced trim (optax.inject_hyperparams under jit) cannot pick a shape:
+  # sort along the task axis and mask the sorted rows instead.
+  t = leaves[0].shape[0]
+  scale = 1.0 / t if reduction == "mean" else 1.0
+  rows = jnp.arange(t)
+  keep = (rows >= trim) & (rows < t - trim)
+  out = []
+  for x, m in zip(leaves, mask):
+    acc = accumulation_dtype(x.dtype)
+    if not m:
+      out.append(leaf_weighted_sum(x, jnp.full((t,), scale, acc)))
+      continue
+    kept = jnp.where(keep.reshape((t,) + (1,) * (x.ndim - 1)),
+                     jnp.sort(x, axis=0).astype(acc), 0)
+    total = jnp.sum(kept, axis=0)
+    out.append((total * (scale / (t - 2 * trim).astype(acc))
+                ).astype(x.dtype))
+  return out
+
+
 @documented
 def trimmed_mean(trim: int, *, reduction: str = "sum",
-                 shared: SharedMask = None
-                 ) -> optax.GradientTransformationExtraArgs:
+                 shared: SharedMask = None) -> Aggregator:
   r"""Coordinate-wise trimmed mean of the task gradients (Yin et al., 2018).
 
   For every coordinate of the shared leaves, sort the :math:`T` task values
@@ -110,7 +131,10 @@ def trimmed_mean(trim: int, *, reduction: str = "sum",
   for ``trim <= 4`` the extremes are picked by ``2 trim`` passes over the
   task axis (``2 trim`` int32 index buffers of the leaf's shape), beyond
   that by one sort along the task axis (a ``(T,) + shape`` temporary).
-  Heads get their plain sum.
+  Heads get their plain sum. ``trim`` may also be a JAX integer (so
+  ``optax.inject_hyperparams`` wraps the factory without ``static_args``):
+  a traced one always sorts and masks the sorted rows, and is not checked
+  against T.
 
   @FIRST_IN_CHAIN@
 
@@ -118,7 +142,13 @@ def trimmed_mean(trim: int, *, reduction: str = "sum",
     trim: :math:`b \ge 0`, the number of values dropped at each end.
   @SHARED_ARGS@
 
-  @RETURNS@
+  Returns:
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with ``optax.EmptyState``.
+    ``update(updates, state, params=None)`` takes stacked gradients (every
+    leaf of shape ``(T,) + param.shape``) and returns params-shaped updates.
+    The trimmed mean keeps a different set of tasks per coordinate rather
+    than task weights (as GradDrop), so its state records no ``weights``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -135,7 +165,7 @@ def trimmed_mean(trim: int, *, reduction: str = "sum",
     <https://arxiv.org/abs/1803.01498>`_, ICML 2018.
   """
   check_reduction(reduction)
-  _check_trim(trim)
+  trim_value = _check_trim(trim)   # None when traced
 
   def init_fn(params):
     del params
@@ -145,12 +175,16 @@ def trimmed_mean(trim: int, *, reduction: str = "sum",
     del extra_args
     leaves, treedef, mask, t = resolve(updates, params, shared, None,
                                        "trimmed_mean")
-    if 2 * trim >= t:
-      raise ValueError(f"trimmed_mean drops 2 * trim = {2 * trim} of the "
-                       f"T={t} task values per coordinate; it needs "
+    if trim_value is None:
+      out = _trimmed_mean_traced_step(leaves, jnp.asarray(trim, jnp.int32),
+                                      mask=tuple(mask), reduction=reduction)
+      return jax.tree.unflatten(treedef, out), state
+    if 2 * trim_value >= t:
+      raise ValueError(f"trimmed_mean drops 2 * trim = {2 * trim_value} of "
+                       f"the T={t} task values per coordinate; it needs "
                        f"2 * trim < T.")
-    out = _trimmed_mean_step(leaves, mask=tuple(mask), trim=trim,
+    out = _trimmed_mean_step(leaves, mask=tuple(mask), trim=trim_value,
                              reduction=reduction)
     return jax.tree.unflatten(treedef, out), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

@@ -65,3 +65,23 @@ def test_traced_weights_and_checks():
     tx.update({"w": jnp.asarray(g)}, tx.init({"w": jnp.zeros(4)}))
   # Integer weights are used as floats.
   assert W.constant(gram32(g), np.array([1, 2, 3])).dtype == jnp.float32
+
+
+def test_recorded_weights_and_gram():
+  g = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+  params = {"w": jnp.zeros(3)}
+  for keep_gram in (False, True):
+    tx = po.constant(jnp.array([1., 2.]), num_tasks=2, keep_gram=keep_gram)
+    state = tx.init(params)
+    np.testing.assert_array_equal(state.weights, [0., 0.])
+    u, state = tx.update({"w": g}, state, params)
+    np.testing.assert_allclose(u["w"], [8., 3., 3.])
+    np.testing.assert_allclose(state.weights, [1., 2.])
+    if keep_gram:
+      np.testing.assert_allclose(state.gram, g @ g.T)
+    else:
+      assert state.gram is None
+  with pytest.raises(ValueError, match="shape"):
+    po.constant(jnp.array([1., 2.]), num_tasks=3)
+  with pytest.raises(ValueError, match="num_tasks"):
+    po.constant(jnp.array([1., 2.]), keep_gram=True)

@@ -106,3 +106,20 @@ def test_bad_input():
     W.cr_mogm(jnp.eye(2), jnp.ones(3), weighting=W.mgda)
   with pytest.raises(ValueError, match="returned shape"):
     W.cr_mogm(jnp.eye(2), jnp.ones(2), weighting=lambda k: jnp.ones(3))
+
+
+def test_keep_gram_and_traced_num_tasks():
+  g = jnp.array([[1., 0.], [0., 3.]])
+  params = {"w": jnp.zeros(2)}
+  tx = po.cr_mogm(po.weighting.mgda, 0.5, num_tasks=2, keep_gram=True)
+  state = tx.init(params)
+  np.testing.assert_array_equal(state.gram, jnp.zeros((2, 2)))
+  _, state = tx.update({"w": g}, state, params)
+  np.testing.assert_allclose(state.gram, g @ g.T)
+  # num_tasks injected (init outside jit, update traced): the same step.
+  inj = optax.inject_hyperparams(po.cr_mogm, static_args="weighting")(
+      po.weighting.mgda, 0.5, num_tasks=2)
+  _, s = jax.jit(inj.update)({"w": g}, inj.init(params), params)
+  np.testing.assert_allclose(s.inner_state.weights, [0.9, 0.1], rtol=1e-5)
+  with pytest.raises(ValueError, match="beta"):
+    po.cr_mogm(po.weighting.mgda, jnp.array(2.0), num_tasks=2)

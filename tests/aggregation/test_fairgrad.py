@@ -198,3 +198,17 @@ def test_rel_err_reference_sanity():
   # The reference itself: alpha = 1 agrees with Nash-MTL's float64 solution.
   g = make_case("random", 3, 4)
   assert rel_err(ref_fairgrad(g, 1.0), ref_nash_mtl(g), g) < 1e-8
+
+
+def test_recorded_weights_and_array_validation():
+  g = jnp.array([[-4., 1., 1.], [6., 1., 1.]])
+  params = {"w": jnp.zeros(3)}
+  tx = po.fairgrad(alpha=1.0, num_tasks=2, keep_gram=True)
+  _, state = tx.update({"w": g}, tx.init(params), params)
+  np.testing.assert_allclose(state.weights,
+                             po.weighting.fairgrad(g @ g.T, alpha=1.0),
+                             rtol=1e-6)
+  np.testing.assert_allclose(state.gram, g @ g.T)
+  # Concrete arrays are validated like numbers (bf16 too).
+  with pytest.raises(ValueError, match="alpha"):
+    po.fairgrad(alpha=jnp.array(-1.0, jnp.bfloat16))

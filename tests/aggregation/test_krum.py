@@ -108,3 +108,25 @@ def test_edge_cases():
   k16 = jnp.asarray(g @ g.T, jnp.bfloat16)
   w = W.krum(k16, num_byzantine=0, num_selected=2)
   assert w.dtype == jnp.float32 and np.isclose(float(w.sum()), 1.0)
+
+
+def test_traced_counts_and_recorded_weights():
+  # Issue 12's API: counts may be traced (inject_hyperparams under jit) and
+  # num_tasks= records the applied weights (and keep_gram the Gram matrix).
+  g = make_case("random", 5, 1)
+  k = jnp.asarray(g @ g.T, jnp.float32)
+  for f, m in ((0, 1), (1, 2), (2, 3)):
+    ref = W.krum(k, num_byzantine=f, num_selected=m)
+    traced = jax.jit(lambda kk, ff, mm: W.krum(kk, num_byzantine=ff,
+                                                num_selected=mm))(k, f, m)
+    np.testing.assert_array_equal(traced, ref)
+  params = {"w": jnp.zeros(g.shape[1])}
+  grads = {"w": jnp.asarray(g, jnp.float32)}
+  tx = po.krum(1, num_selected=2, num_tasks=5, keep_gram=True,
+               reduction="mean")
+  _, state = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(
+      state.weights, W.krum(k, num_byzantine=1, num_selected=2) / 5)
+  np.testing.assert_allclose(state.gram, k, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="num_selected"):
+    po.krum(0, num_selected=jnp.array(0))

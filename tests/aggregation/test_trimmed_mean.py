@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import matrix_families as mf
@@ -107,3 +108,21 @@ def test_single_task_and_zero_or_opposite():
   opposite = np.concatenate([g, -g, np.zeros_like(g)])
   np.testing.assert_array_equal(run(opposite, 1), 0.0)
   np.testing.assert_array_equal(run(np.zeros((3, 6)), 1), 0.0)
+
+
+def test_traced_trim_matches_static():
+  # Issue 12's API: under inject_hyperparams and jit, trim is traced and
+  # sorts + masks; eager (concrete) it takes the static path.
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((7, 5, 3)), jnp.float32)
+  params = {"w": jnp.zeros((5, 3))}
+  for trim in (0, 1, 3):
+    tx = po.trimmed_mean(trim, reduction="mean")
+    ref, _ = tx.update({"w": x}, tx.init(params), params)
+    inj = optax.inject_hyperparams(po.trimmed_mean)(trim=trim,
+                                                     reduction="mean")
+    out, state = jax.jit(inj.update)({"w": x}, inj.init(params), params)
+    np.testing.assert_allclose(out["w"], ref["w"], rtol=1e-5, atol=1e-6)
+    assert isinstance(state.inner_state, optax.EmptyState)
+  with pytest.raises(ValueError, match="trim"):
+    po.trimmed_mean(jnp.array(-1))
