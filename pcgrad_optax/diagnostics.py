@@ -307,7 +307,10 @@ def task_weights(opt_state: Any) -> jax.Array:
   ``opt_state``, e.g. the state of ``optax.chain(pcgrad_optax.mgda(
   num_tasks=T), optax.adam(1e-3))``: the ``(T,)`` weights applied to the
   shared leaves at the last update (GradVac: ``(G, T)``, one row per
-  parameter group); zeros before the first update.
+  parameter group); zeros before the first update. Unlike
+  ``optax.tree_utils.tree_get(opt_state, "weights")`` it only looks at the
+  package's state types, so a parameter named ``weights`` (a dict key in
+  Adam's params-shaped moments) does not get in the way.
 
   Args:
     opt_state: an optimizer state holding one pcgrad_optax transformation's
