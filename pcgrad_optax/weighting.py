@@ -34,6 +34,15 @@ from pcgrad_optax.scalarization._rlw import rlw_weighting as rlw
 from pcgrad_optax.scalarization._uncertainty import (
     uncertainty_weighting as uncertainty)
 
+# issue 13: stateful and two-batch gradient-level methods.
+from pcgrad_optax.aggregation._db_mtl import db_mtl_weighting as db_mtl
+from pcgrad_optax.aggregation._excess_mtl import (
+    excess_mtl_weighting as excess_mtl)
+from pcgrad_optax.aggregation._gradnorm import gradnorm_weighting as gradnorm
+from pcgrad_optax.aggregation._moco import moco_weighting as moco
+from pcgrad_optax.aggregation._modo import modo_weighting as modo
+from pcgrad_optax.aggregation._sdmgrad import sdmgrad_weighting as sdmgrad
+
 __all__ = [
     "aligned_mtl",
     "cagrad",
@@ -53,4 +62,11 @@ __all__ = [
     "sum",
     "uncertainty",
     "upgrad",
+    # issue 13
+    "db_mtl",
+    "excess_mtl",
+    "gradnorm",
+    "moco",
+    "modo",
+    "sdmgrad",
 ]

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import pcgrad_optax
-from contract import CONTRACT_CHECKS, Spec
+from contract import CONTRACT_CHECKS, Spec, stacked_grads
 
 # The task counts the contract's checks use. gradvac, uncertainty, dwa and
 # famo allocate per-task state at init (where only params are seen), so they
@@ -55,6 +55,15 @@ def task_losses(t):
   return {"losses": np.linspace(0.5, 2.0, t).astype(np.float32)}
 
 
+def second_batch(t):
+  # SDMGrad and MoDo take a second batch's stacked gradients. The contract's
+  # checks build their gradients from seed 0, so this is the same batch: the
+  # update (the mean of the two batches) then keeps the checks' expectations
+  # (heads = their plain sum, identity at T = 1). Independent batches are
+  # tested in tests/aggregation/test_sdmgrad.py and test_modo.py.
+  return {"second_grads": stacked_grads(t)}
+
+
 SPECS = [
     # PCGrad.
     Spec("pcgrad", lambda **kw: pcgrad_optax.pcgrad(**kw)),
@@ -87,6 +96,29 @@ SPECS = [
          extra_args=task_losses),
     Spec("dwa", per_task_count(pcgrad_optax.dwa), extra_args=task_losses),
     Spec("famo", per_task_count(pcgrad_optax.famo), extra_args=task_losses),
+    # Issue 13's stateful and two-batch methods. ExcessMTL's first step only
+    # records its baseline (weights 1/T: the identity at T = 1), GradNorm's
+    # weights sum to T = 1, MoDo's and SDMGrad's lie on the simplex of one
+    # task and their update is the mean of the two batches, equal here
+    # (second_batch gives the same gradients): identities. MoCo's and
+    # DB-MTL's first updates are beta (resp. (1 - beta) / L) times the
+    # gradient: not.
+    Spec("excess_mtl", per_task_count(pcgrad_optax.excess_mtl)),
+    Spec("moco", per_task_count(pcgrad_optax.moco), identity_at_t1=False),
+    Spec("moco_libmtl", per_task_count(
+        lambda **kw: pcgrad_optax.moco(weight_update="softmax",
+                                       normalize=True, **kw)),
+         extra_args=task_losses, identity_at_t1=False),
+    Spec("db_mtl", per_task_count(pcgrad_optax.db_mtl),
+         extra_args=task_losses, identity_at_t1=False),
+    Spec("gradnorm", per_task_count(pcgrad_optax.gradnorm),
+         extra_args=task_losses),
+    Spec("gradnorm_softmax", per_task_count(
+        lambda **kw: pcgrad_optax.gradnorm(parametrization="softmax", **kw)),
+         extra_args=task_losses),
+    Spec("sdmgrad", per_task_count(pcgrad_optax.sdmgrad),
+         extra_args=second_batch),
+    Spec("modo", per_task_count(pcgrad_optax.modo), extra_args=second_batch),
 ]
 
 

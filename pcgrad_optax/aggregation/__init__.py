@@ -73,6 +73,20 @@ from pcgrad_optax.aggregation._pcgrad import pcgrad
 from pcgrad_optax.aggregation._sum import sum  # noqa: A004 (the method's name)
 from pcgrad_optax.aggregation._upgrad import upgrad
 
+# The stateful and two-batch gradient-level methods of issue 13.
+from pcgrad_optax.aggregation._db_mtl import DBMTLState
+from pcgrad_optax.aggregation._db_mtl import db_mtl
+from pcgrad_optax.aggregation._excess_mtl import ExcessMTLState
+from pcgrad_optax.aggregation._excess_mtl import excess_mtl
+from pcgrad_optax.aggregation._gradnorm import GradNormState
+from pcgrad_optax.aggregation._gradnorm import gradnorm
+from pcgrad_optax.aggregation._moco import MoCoState
+from pcgrad_optax.aggregation._moco import moco
+from pcgrad_optax.aggregation._modo import MoDoState
+from pcgrad_optax.aggregation._modo import modo
+from pcgrad_optax.aggregation._sdmgrad import SDMGradState
+from pcgrad_optax.aggregation._sdmgrad import sdmgrad
+
 __all__ = [
     "GradDropState",
     "GradVacState",
@@ -90,4 +104,17 @@ __all__ = [
     "pcgrad",
     "sum",
     "upgrad",
+    # issue 13: stateful and two-batch methods
+    "DBMTLState",
+    "ExcessMTLState",
+    "GradNormState",
+    "MoCoState",
+    "MoDoState",
+    "SDMGradState",
+    "db_mtl",
+    "excess_mtl",
+    "gradnorm",
+    "moco",
+    "modo",
+    "sdmgrad",
 ]
