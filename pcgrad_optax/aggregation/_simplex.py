@@ -15,6 +15,10 @@ def project_to_simplex(v: jax.Array) -> jax.Array:
   """
   v = jnp.asarray(v)
   t = v.shape[-1]
+  # The projection commutes with shifts along (1, ..., 1): shifting the
+  # largest entry to 0 keeps the sums below free of cancellation when v is
+  # far from the simplex (a large step).
+  v = v - jnp.max(v)
   u = jnp.sort(v)[::-1]
   cumulative = jnp.cumsum(u) - 1
   index = jnp.arange(1, t + 1, dtype=v.dtype)
