@@ -134,3 +134,20 @@ def two_batch_update(leaves: list, second: list, third: list | None,
     b = leaf_weighted_sum(y.astype(x.dtype), w)
     out.append((a.astype(acc) + b.astype(acc)).astype(x.dtype))
   return out
+
+
+def check_count(value, name: str) -> None:
+  """ValueError unless ``value`` is a positive int (or integer array).
+
+  A traced integer (``optax.inject_hyperparams``) is not checked.
+  """
+  if isinstance(value, bool) or not (
+      isinstance(value, int) or (hasattr(value, "dtype") and jnp.issubdtype(
+          value.dtype, jnp.integer) and jnp.ndim(value) == 0)):
+    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+  try:
+    concrete = int(value)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return
+  if concrete < 1:
+    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")

@@ -17,7 +17,8 @@ from pcgrad_optax._core.checks import as_vector, check_num_tasks
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import (check_reduction,
                                         leaves_accumulation_dtype)
-from pcgrad_optax._core.task_state import (check_range, init_task_tree,
+from pcgrad_optax._core.task_state import (check_count, check_range,
+                                           init_task_tree,
                                            replace_task_tree,
                                            task_tree_leaves)
 from pcgrad_optax._core.transform import cast_like, documented
@@ -175,10 +176,7 @@ def excess_mtl(*, num_tasks: int, step_size: float = 1e-2,
   check_num_tasks(num_tasks)
   check_range(step_size, "step_size", low_open=True)
   check_range(eps, "eps")
-  if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or \
-      warmup_steps < 1:
-    raise ValueError(
-        f"`warmup_steps` must be a positive int, got {warmup_steps!r}.")
+  check_count(warmup_steps, "warmup_steps")
 
   def init_fn(params):
     return ExcessMTLState(

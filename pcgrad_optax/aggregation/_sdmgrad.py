@@ -19,17 +19,12 @@ from pcgrad_optax._core.checks import as_vector, check_num_tasks
 from pcgrad_optax._core.gram import masked_cross
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.task_state import (check_range, check_second_batch,
+from pcgrad_optax._core.task_state import (check_count, check_range,
+                                           check_second_batch,
                                            two_batch_update)
 from pcgrad_optax._core.transform import cast_like, documented
 from pcgrad_optax.aggregation._modo import check_cross
 from pcgrad_optax.aggregation._simplex import project_to_simplex
-
-
-def _check_steps(num_steps) -> None:
-  if not isinstance(num_steps, int) or isinstance(num_steps, bool) or \
-      num_steps < 1:
-    raise ValueError(f"`num_steps` must be a positive int, got {num_steps!r}.")
 
 
 def sdmgrad_weighting(cross: jax.Array, weights: jax.Array, *,
@@ -111,7 +106,7 @@ def sdmgrad_weighting(cross: jax.Array, weights: jax.Array, *,
   check_range(lambda_, "lambda_")
   check_range(learning_rate, "learning_rate", low_open=True)
   check_range(momentum, "momentum", high=1.0, high_open=True)
-  _check_steps(num_steps)
+  check_count(num_steps, "num_steps")
   pref = (jnp.full((t,), 1.0 / t, dtype) if preference is None else
           as_vector(preference, t, "preference", dtype).astype(dtype))
   lam = jnp.asarray(lambda_, dtype)
@@ -207,7 +202,7 @@ def sdmgrad(*, num_tasks: int, lambda_: float = 0.3,
   check_range(lambda_, "lambda_")
   check_range(learning_rate, "learning_rate", low_open=True)
   check_range(momentum, "momentum", high=1.0, high_open=True)
-  _check_steps(num_steps)
+  check_count(num_steps, "num_steps")
   if preference is not None:
     as_vector(preference, num_tasks, "preference")
 
