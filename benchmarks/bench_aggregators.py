@@ -42,6 +42,14 @@ to the cost (between 3 and ``--rounds``). Calls predicted (from the smaller
 T, by T^2) to take over ``--max-call`` seconds are skipped and say so; so is
 an implementation whose temporaries would not fit in the free memory.
 
+The stateful, loss-based and two-batch methods of issue 13 (ExcessMTL,
+MoCo, DB-MTL, GradNorm, SDMGrad, MoDo) are timed too (ours with their
+``losses=`` / ``second_grads=`` arguments; torchjd's ExcessMTL, and its
+SDMGrad and MoDo weightings on ``J J^T`` applied to ``J``) and stepped side
+by side with torchjd and LibMTL over five steps in the cross-check. LibMTL
+1.1.5 (PyPI) has only GradNorm of them; ``LIBMTL_SRC=<a LibMTL checkout>``
+loads the others from its ``LibMTL/weighting/``.
+
 Before timing, a cross-check on small data: for each method whose peers are
 deterministic, the max difference of the updates relative to the peer's
 largest entry, with matched hyper-parameters. Differences there are
@@ -220,6 +228,44 @@ _TEMPORARY_COPIES = {
 }
 
 
+# Issue 13's stateful, loss-based and two-batch methods in the timing: name:
+# (our factory of T, the extra update arguments from the stacked gradients,
+# torchjd's runner on the (T, P) matrix or None, the LibMTL cell's text).
+# The second batch is the same arrays (the cost is that of a distinct one);
+# their LibMTL versions are cross-checked, not timed.
+def stateful_methods(num_tasks: int) -> dict:
+  from torchjd import aggregation as jd  # pylint: disable=g-import-not-at-top
+  px, t = pcgrad_optax, num_tasks
+  losses = np.linspace(0.5, 2.0, t).astype(np.float32)
+  not_timed = "cross-checked, not timed"
+
+  def two_batch(weighting):
+    return lambda m: weighting(m @ m.T) @ m
+
+  return {
+      "excess_mtl": (lambda: px.excess_mtl(num_tasks=t), lambda g: {},
+                     jd.ExcessMTL, not_timed),
+      "moco": (lambda: px.moco(num_tasks=t), lambda g: {}, None, not_timed),
+      "db_mtl": (lambda: px.db_mtl(num_tasks=t),
+                 lambda g: {"losses": losses}, None, not_timed),
+      "gradnorm": (lambda: px.gradnorm(num_tasks=t),
+                   lambda g: {"losses": losses}, None, not_timed),
+      "sdmgrad": (lambda: px.sdmgrad(num_tasks=t),
+                  lambda g: {"second_grads": g, "third_grads": g},
+                  lambda: two_batch(jd.SDMGradWeighting()), not_timed),
+      "modo": (lambda: px.modo(num_tasks=t),
+               lambda g: {"second_grads": g, "third_grads": g},
+               lambda: two_batch(jd.MoDoWeighting()), not_timed),
+  }
+
+
+# Their (T, P) state and its new value, beside the input.
+_TEMPORARY_COPIES.update({
+    ("ours", "excess_mtl"): 3, ("ours", "moco"): 3, ("ours", "db_mtl"): 3,
+    ("torchjd", "excess_mtl"): 3,
+})
+
+
 def mem_available() -> float:
   with open("/proc/meminfo") as f:
     for line in f:
@@ -288,6 +334,30 @@ def build(num_tasks, matrix, stacked, libmtl, prev_times, max_call):
         continue
       fns[label] = (libmtl_aggregator(libmtl[cls_name], tmatrix, **kwargs),
                     ())
+  for name, (ours, extra, theirs, _) in stateful_methods(num_tasks).items():
+    tx = ours()
+    if fits("ours", name):
+      kwargs = extra(grads)
+      fns[f"ours {name}"] = (block(jax.jit(
+          lambda g, s, kw, tx=tx: tx.update(g, s, params, **kw))),
+                             (grads, tx.init(params), kwargs))
+    else:
+      skipped[f"ours {name}"] = "memory"
+    if theirs is None:
+      continue
+    label = f"torchjd {name}"
+    agg = theirs()
+
+    def run_torchjd(m, agg=agg):
+      with torch.no_grad():
+        return agg(m)
+
+    if not fits("torchjd", name):
+      skipped[label] = "memory"
+    elif too_slow(label):
+      skipped[label] = too_slow(label)
+    else:
+      fns[label] = (run_torchjd, (tmatrix,))
   return fns, skipped
 
 
@@ -594,6 +664,8 @@ def fastest_peer(cell, name):
 def tables(cells, names, libmtl) -> list:
   lines = []
   libmtl_entries = {name: entry[2] for name, entry in methods(2).items()}
+  libmtl_entries.update({name: entry[3] for name, entry in
+                         stateful_methods(2).items()})
   # Summary: ours / fastest peer, one column per cell.
   head = [f"T={c['T']}, P={c['P'] / 1e6:.3g}M" for c in cells]
   lines += ["| method | " + " | ".join(head) + " |",
@@ -706,7 +778,8 @@ def main(argv=None):
     out = args.out or os.path.join(RESULTS, "aggregators.md")
     with open(args.json or os.path.splitext(out)[0] + ".json") as f:
       cells = json.load(f)["cells"]
-    plot(cells, list(methods(2)), os.path.splitext(out)[0] + ".png")
+    plot(cells, list(methods(2)) + list(stateful_methods(2)),
+         os.path.splitext(out)[0] + ".png")
     return
   if args.quick:
     args.tasks, args.params, args.rounds = [2, 8], [2e4], 3
@@ -748,7 +821,7 @@ def main(argv=None):
           f"{k} {v * 1e3:.1f}" for k, v in cell["times"].items())
             + (f"; skipped {cell['skipped']}" if cell["skipped"] else ""),
             flush=True)
-  names = list(methods(2))
+  names = list(methods(2)) + list(stateful_methods(2))
   body = tables(cells, names, libmtl)
   print("\n".join(body))
   if args.out is None:
