@@ -121,7 +121,8 @@ def two_batch_update(leaves: list, second: list, third: list | None,
   formed as two weighted sums per leaf (no ``(T, P)`` temporary).
   """
   if third is not None:
-    return combine_leaves(third, mask, weights, reduction)
+    return [o.astype(x.dtype) for o, x in zip(
+        combine_leaves(third, mask, weights, reduction), leaves)]
   t = leaves[0].shape[0]
   acc = leaves_accumulation_dtype(leaves)
   scale = (1.0 / t if reduction == "mean" else 1.0) / 2
