@@ -1,4 +1,4 @@
-"""Per-task parameter-size state, the second batch's checks, the cross matrix."""
+"""Per-task parameter-size state, second-batch checks, the cross matrix."""
 
 from __future__ import annotations
 
