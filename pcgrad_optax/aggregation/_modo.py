@@ -115,12 +115,14 @@ def modo(*, num_tasks: int, step_size: float = 1e-3, rho: float = 0.1,
       (J_1 J_2^\top + \rho I)\,\lambda\big),
 
   and returns :math:`\sum_t \lambda_t \bar g_t` with the *new* weights.
-  Which gradients form the update: by default :math:`\bar g` is the mean of
-  the two batches, :math:`(J_1 + J_2)/2` (the paper's Algorithm 1, eq. 2.9b,
-  which uses the same two samples for both steps); pass ``third_grads``
-  (a third independent batch) to use it instead, as LibMTL and the authors'
-  ``three_grads`` option do (their decoders then get the mean of all three
-  batches; here the heads get the third batch's gradients).
+  Which gradients form the update: both readings in use are offered. By
+  default :math:`\bar g` is the mean of the two batches,
+  :math:`(J_1 + J_2)/2`, so no third backward pass is needed (torchjd's
+  two-batch example, its reading of the paper's eq. 2.9b). Pass
+  ``third_grads``, a third independent batch, to form the update from it
+  alone, as the authors' code (its ``three_grads`` option) and LibMTL do
+  (their decoders get the mean of the three batches; here the heads get
+  the third batch's plain sums).
 
   The cross matrix is one contraction per shared leaf in f32 or wider (like
   the Gram matrix); the update one weighted sum per batch.
