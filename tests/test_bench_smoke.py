@@ -31,26 +31,6 @@ def test_pcgrad_update_matches_torchjd(bench, num_tasks):
   assert bench.check_against_torchjd(num_tasks) < 1e-5
 
 
-def test_aggregators_match_torchjd_and_libmtl():
-  # benchmarks/bench_aggregators.py's cross-check: every deterministic method
-  # against torchjd (and LibMTL where installed), matched hyper-parameters.
-  pytest.importorskip("cvxpy")
-  pytest.importorskip("qpsolvers")
-  path = os.path.join(os.path.dirname(_BENCH), "bench_aggregators.py")
-  spec = importlib.util.spec_from_file_location("bench_aggregators", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  errors = module.cross_check(module.load_libmtl())
-  assert {name for name, _ in errors} >= {
-      "mean", "sum", "mgda", "cagrad", "imtl_g", "upgrad", "dualproj",
-      "aligned_mtl", "config", "nash_mtl", "gradvac"}
-  for (name, peer), err in errors.items():
-    # torchjd's MGDA stops at a 1e-3 tolerance; ours is exact. UPGrad,
-    # DualProj and ConFIG differ by the peers' QP / pinv tolerances.
-    limit = 2e-2 if (name, peer) == ("mgda", "torchjd") else 1e-3
-    assert err < limit, (name, peer, err)
-
-
 def test_stateful_methods_match_torchjd_and_libmtl():
   # Issue 13's stateful, loss-based and two-batch methods, stepped side by
   # side with the peers over five steps. LibMTL 1.1.5 (PyPI) has GradNorm
@@ -70,3 +50,23 @@ def test_stateful_methods_match_torchjd_and_libmtl():
   assert set(errors) == expected
   for key, err in errors.items():
     assert err < 1e-4, (key, err)
+
+
+def test_aggregators_match_torchjd_and_libmtl():
+  # benchmarks/bench_aggregators.py's cross-check: every deterministic method
+  # against torchjd (and LibMTL where installed), matched hyper-parameters.
+  pytest.importorskip("cvxpy")
+  pytest.importorskip("qpsolvers")
+  path = os.path.join(os.path.dirname(_BENCH), "bench_aggregators.py")
+  spec = importlib.util.spec_from_file_location("bench_aggregators", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  errors = module.cross_check(module.load_libmtl())
+  assert {name for name, _ in errors} >= {
+      "mean", "sum", "mgda", "cagrad", "imtl_g", "upgrad", "dualproj",
+      "aligned_mtl", "config", "nash_mtl", "gradvac"}
+  for (name, peer), err in errors.items():
+    # torchjd's MGDA stops at a 1e-3 tolerance; ours is exact. UPGrad,
+    # DualProj and ConFIG differ by the peers' QP / pinv tolerances.
+    limit = 2e-2 if (name, peer) == ("mgda", "torchjd") else 1e-3
+    assert err < limit, (name, peer, err)

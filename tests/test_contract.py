@@ -91,11 +91,6 @@ SPECS = [
     Spec("gradvac", per_task_count(
         lambda **kw: pcgrad_optax.gradvac(beta=0.5, **kw))),
     Spec("graddrop", lambda **kw: pcgrad_optax.graddrop(**kw)),
-    Spec("rlw", lambda **kw: pcgrad_optax.rlw(**kw)),
-    Spec("uncertainty", per_task_count(pcgrad_optax.uncertainty),
-         extra_args=task_losses),
-    Spec("dwa", per_task_count(pcgrad_optax.dwa), extra_args=task_losses),
-    Spec("famo", per_task_count(pcgrad_optax.famo), extra_args=task_losses),
     # Issue 13's stateful and two-batch methods. ExcessMTL's first step only
     # records its baseline (weights 1/T: the identity at T = 1), GradNorm's
     # weights sum to T = 1, MoDo's and SDMGrad's lie on the simplex of one
@@ -119,6 +114,11 @@ SPECS = [
     Spec("sdmgrad", per_task_count(pcgrad_optax.sdmgrad),
          extra_args=second_batch),
     Spec("modo", per_task_count(pcgrad_optax.modo), extra_args=second_batch),
+    Spec("rlw", lambda **kw: pcgrad_optax.rlw(**kw)),
+    Spec("uncertainty", per_task_count(pcgrad_optax.uncertainty),
+         extra_args=task_losses),
+    Spec("dwa", per_task_count(pcgrad_optax.dwa), extra_args=task_losses),
+    Spec("famo", per_task_count(pcgrad_optax.famo), extra_args=task_losses),
 ]
 
 
