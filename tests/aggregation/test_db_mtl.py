@@ -11,7 +11,6 @@ from __future__ import annotations
 import hypothesis
 import hypothesis.strategies as st
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
