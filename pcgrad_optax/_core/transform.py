@@ -1,23 +1,38 @@
 """What the optax transformations of the package share.
 
 PRNG keys in the state (:func:`canonicalize_key`), the stateless factory of
-every Gram-based method (:func:`gram_transform`), the state dtype guard
+every Gram-based method (:func:`gram_transform`), the record of the last
+step's task weights and Gram matrix in the state (:class:`GramState`,
+:func:`init_record`, :func:`check_record`), the state dtype guard
 (:func:`cast_like`) and the docstring parts every factory repeats
 (:func:`documented` fills them in, keeping docstrings literal so that their
 examples run as doctests).
+
+Every transformation that maps stacked gradients to one params-shaped update
+is an :class:`optax.experimental.aggregating.Aggregator` (a
+``GradientTransformationExtraArgs``, so ``optax.chain`` takes it as before):
+:data:`Aggregator` is that type.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from optax.experimental import aggregating
 
 from pcgrad_optax._core.aggregate import aggregate
+from pcgrad_optax._core.checks import check_num_tasks, init_num_tasks
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.stacked import check_reduction
+from pcgrad_optax._core.stacked import (check_reduction,
+                                        leaves_accumulation_dtype)
+
+# optax's type for transformations from per-element (here: per-task) updates
+# to one update; every transformation of the package returns one.
+Aggregator = aggregating.Aggregator
 
 
 def canonicalize_key(key_or_seed: jax.Array | int) -> jax.Array:
@@ -60,10 +75,23 @@ WEIGHTS_SHARED_LEAVES = """
   weights the whole model, as weighting the loss does in the paper.
 """
 
+RECORD_ARGS = """    num_tasks: optional T. Given, the state is a
+      :class:`pcgrad_optax.GramState` holding the last step's task weights
+      (``weights``) for logging, at no extra pass over the gradients. None
+      (default): the state is ``optax.EmptyState`` and nothing is recorded
+      (``init`` only sees the params, so the ``(T,)`` shape must be known up
+      front).
+    keep_gram: also keep the last step's ``(T, T)`` Gram matrix (``gram``);
+      needs ``num_tasks``.
+"""
+
 RETURNS = """  Returns:
-    An ``optax.GradientTransformationExtraArgs`` with ``optax.EmptyState``.
-    ``update(updates, state, params=None)`` takes stacked gradients (every
-    leaf of shape ``(T,) + param.shape``) and returns params-shaped updates.
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``). ``update(updates, state,
+    params=None)`` takes stacked gradients (every leaf of shape
+    ``(T,) + param.shape``) and returns params-shaped updates. The state is
+    ``optax.EmptyState``, or a :class:`pcgrad_optax.GramState` with
+    ``num_tasks``.
 """
 
 
@@ -81,26 +109,114 @@ def documented(factory):
                        ("@SHARED_ARGS@", SHARED_ARGS.strip("\n")),
                        ("@WEIGHTS_SHARED_LEAVES@",
                         WEIGHTS_SHARED_LEAVES.strip("\n")),
+                       ("@RECORD_ARGS@", RECORD_ARGS.strip("\n")),
                        ("@RETURNS@", RETURNS.strip("\n"))):
     doc = doc.replace("  " + marker, text)
   factory.__doc__ = doc
   return factory
 
 
+class GramState(NamedTuple):
+  """State of a stateless Gram-based transformation built with ``num_tasks``.
+
+  ``optax.tree_utils.tree_get(state, "weights")`` finds the weights in a
+  chain (or :func:`pcgrad_optax.diagnostics.from_state` reads both).
+
+  Attributes:
+    weights: ``(T,)`` task weights applied to the shared leaves at the last
+      step (the shared part of the update is ``sum_t weights[t] g_t``, so
+      ``reduction="mean"`` is included); zeros before the first update. In
+      the params' accumulation dtype (f32, or f64 for f64 params).
+    gram: ``(T, T)`` Gram matrix of the shared leaves at the last step
+      (zeros before the first update) with ``keep_gram=True``, else None.
+  """
+  weights: jax.Array
+  gram: jax.Array | None = None
+
+
+def check_record_args(num_tasks, keep_gram: bool, method: str) -> bool:
+  """Validates a factory's ``num_tasks``/``keep_gram``; True if it records.
+
+  A traced ``num_tasks`` (``optax.inject_hyperparams`` under ``jit``) still
+  records: its value lives in the state's shapes.
+  """
+  if not isinstance(keep_gram, bool):
+    raise ValueError(f"{method}: keep_gram must be a bool, got {keep_gram!r}.")
+  if num_tasks is None:
+    if keep_gram:
+      raise ValueError(
+          f"{method}: keep_gram=True needs num_tasks (the state's (T, T) "
+          "Gram matrix is allocated at init, which only sees the params).")
+    return False
+  check_num_tasks(num_tasks)
+  return True
+
+
+def init_record(params, num_tasks, keep_gram: bool, method: str,
+                groups: tuple[int, ...] = ()):
+  """Zero ``(weights, gram)`` of shapes ``groups + (T,)``, ``groups + (T, T)``.
+
+  In the params' accumulation dtype (what the Gram matrix of params-dtype
+  gradients is), so the state's dtypes do not change at the first update.
+  """
+  t = init_num_tasks(check_num_tasks(num_tasks), method)
+  leaves = jax.tree.leaves(params)
+  dtype = leaves_accumulation_dtype(leaves) if leaves else jnp.float32
+  weights = jnp.zeros(groups + (t,), dtype)
+  gram = jnp.zeros(groups + (t, t), dtype) if keep_gram else None
+  return weights, gram
+
+
+def check_record(weights_state: jax.Array, t: int, method: str) -> None:
+  """ValueError unless the state was allocated for the gradients' T."""
+  if weights_state.shape[-1] != t:
+    raise ValueError(
+        f"{method} was built with num_tasks={weights_state.shape[-1]} but "
+        f"the stacked gradients have T={t} tasks.")
+
+
+def record(weights, gram, weights_state, gram_state, t: int, reduction: str):
+  """The new ``(weights, gram)`` of the state: applied weights, same dtypes.
+
+  ``weights`` are the method's (the "sum" reduction); the record holds the
+  weights applied to the shared leaves, so "mean" divides them by T.
+  """
+  scale = 1.0 / t if reduction == "mean" else 1.0
+  new_weights = (weights * scale).astype(weights_state.dtype)
+  new_gram = None if gram_state is None else gram.astype(gram_state.dtype)
+  return new_weights, new_gram
+
+
 def gram_transform(weighting: Callable[[jax.Array], jax.Array], *,
-                   reduction: str, shared: SharedMask
-                   ) -> optax.GradientTransformationExtraArgs:
-  """A stateless transformation applying ``weighting`` to the Gram matrix."""
+                   reduction: str, shared: SharedMask,
+                   num_tasks: int | None = None, keep_gram: bool = False,
+                   method: str = "gram_transform") -> Aggregator:
+  """A transformation applying ``weighting`` to the Gram matrix.
+
+  Stateless (``optax.EmptyState``) unless ``num_tasks`` is given; then its
+  state is a :class:`GramState` with the last step's weights (and Gram
+  matrix with ``keep_gram``), which the aggregation already computes: no
+  extra pass over the gradients.
+  """
   check_reduction(reduction)
+  records = check_record_args(num_tasks, keep_gram, method)
+  expected = check_num_tasks(num_tasks) if records else None
 
   def init_fn(params):
-    del params
-    return optax.EmptyState()
+    if not records:
+      return optax.EmptyState()
+    return GramState(*init_record(params, num_tasks, keep_gram, method))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    combined, _, _ = aggregate(updates, weighting, params=params,
-                                     shared=shared, reduction=reduction)
-    return combined, state
+    combined, gram, weights = aggregate(
+        updates, weighting, params=params, shared=shared,
+        reduction=reduction, expected_tasks=expected, method=method)
+    if not records:
+      return combined, state
+    t = weights.shape[0]
+    check_record(state.weights, t, method)
+    return combined, GramState(*record(weights, gram, state.weights,
+                                       state.gram, t, reduction))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)
