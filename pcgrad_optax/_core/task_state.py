@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from pcgrad_optax._core.aggregate import combine_leaves
+from pcgrad_optax._core.checks import check_scalar, static_int
 from pcgrad_optax._core.masks import SharedMask, shared_leaves
 from pcgrad_optax._core.stacked import (PyTree, accumulation_dtype, leaf_name,
                                         leaves_accumulation_dtype)
@@ -95,20 +96,19 @@ def check_second_batch(second: PyTree, leaves: list, treedef, method: str,
 def check_range(value, name: str, *, low: float = 0.0,
                 low_open: bool = False, high: float | None = None,
                 high_open: bool = False) -> None:
-  """ValueError if a concrete hyperparameter is outside the range.
+  """ValueError unless a concrete hyperparameter is a scalar in the range.
 
-  Traced values (``optax.inject_hyperparams``) are not checked.
+  Traced values (``optax.inject_hyperparams`` under ``jit``) are not
+  checked (see :func:`pcgrad_optax._core.checks.check_scalar`).
   """
-  try:
-    v = float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return
-  ok = (v > low if low_open else v >= low) and (
-      high is None or (v < high if high_open else v <= high))
-  if not ok or v != v:
-    lo = f"{'(' if low_open else '['}{low}"
-    hi = f"{high}{')' if high_open else ']'}" if high is not None else "inf)"
-    raise ValueError(f"`{name}` must be in {lo}, {hi}, got {value!r}.")
+  lo = f"{'(' if low_open else '['}{low}"
+  hi = f"{high}{')' if high_open else ']'}" if high is not None else "inf)"
+
+  def ok(v):
+    return (v > low if low_open else v >= low) and (
+        high is None or (v < high if high_open else v <= high))
+
+  check_scalar(value, f"`{name}`", ok, f"in {lo}, {hi}")
 
 
 def two_batch_update(leaves: list, second: list, third: list | None,
@@ -140,15 +140,11 @@ def two_batch_update(leaves: list, second: list, third: list | None,
 def check_count(value, name: str) -> None:
   """ValueError unless ``value`` is a positive int (or integer array).
 
-  A traced integer (``optax.inject_hyperparams``) is not checked.
+  A traced integer (``optax.inject_hyperparams`` under ``jit``) is only
+  checked for its dtype and shape.
   """
-  if isinstance(value, bool) or not (
-      isinstance(value, int) or (hasattr(value, "dtype") and jnp.issubdtype(
-          value.dtype, jnp.integer) and jnp.ndim(value) == 0)):
-    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-  try:
-    concrete = int(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
+  if isinstance(value, jax.core.Tracer):
+    if jnp.ndim(value) != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
+      raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
     return
-  if concrete < 1:
-    raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+  static_int(value, f"`{name}`")

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.aggregate import combine_leaves, resolve
-from pcgrad_optax._core.checks import check_losses, check_num_tasks
+from pcgrad_optax._core.checks import (check_losses, check_num_tasks,
+                                       init_num_tasks)
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import (check_reduction,
@@ -21,7 +22,8 @@ from pcgrad_optax._core.stacked import (check_reduction,
 from pcgrad_optax._core.task_state import (check_range, init_task_tree,
                                            replace_task_tree,
                                            task_tree_leaves)
-from pcgrad_optax._core.transform import cast_like, documented
+from pcgrad_optax._core.transform import (Aggregator, cast_like,
+                                          check_record, documented, record)
 
 
 def db_mtl_weighting(gram: jax.Array) -> jax.Array:
@@ -70,15 +72,20 @@ class DBMTLState(NamedTuple):
       params' structure, a ``(T,) + param.shape`` f32 (f64 for f64 params)
       array per shared leaf, ``optax.MaskedNode()`` for the other leaves;
       zeros at first.
+    weights: ``(T,)`` float32 weights applied at the last step (zeros
+      before the first update), as in every state of the package: the
+      shared part of the update is ``sum_t weights[t] buffers_t`` (on the
+      buffered log-loss gradients), divided by T with ``reduction="mean"``.
   """
   count: jax.Array
   buffers: optax.Params
+  weights: jax.Array
 
 
 @documented
 def db_mtl(*, num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
            eps: float = 1e-8, reduction: str = "sum",
-           shared: SharedMask = None) -> optax.GradientTransformationExtraArgs:
+           shared: SharedMask = None) -> Aggregator:
   r"""DB-MTL: log-loss gradients, EMA-buffered, balanced to the largest norm.
 
   Loss-scale balancing: each task is trained on :math:`\log L_t`, whose
@@ -122,7 +129,8 @@ def db_mtl(*, num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
       :func:`pcgrad_optax.pcgrad`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a :class:`DBMTLState`;
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`DBMTLState`;
     ``update(grads, state, params=None, *, losses)`` needs the ``(T,)``
     (positive) task losses (ValueError otherwise).
 
@@ -142,19 +150,22 @@ def db_mtl(*, num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
     Multi-Task Learning <https://arxiv.org/abs/2308.12029>`_, 2023.
   """
   check_reduction(reduction)
-  check_num_tasks(num_tasks)
+  expected = check_num_tasks(num_tasks)   # None when traced
   check_range(beta, "beta", high=1.0, high_open=True)
   check_range(beta_sigma, "beta_sigma")
   check_range(eps, "eps")
 
   def init_fn(params):
+    t = init_num_tasks(expected, "db_mtl")
     return DBMTLState(count=jnp.zeros([], jnp.int32),
-                      buffers=init_task_tree(params, shared, num_tasks))
+                      buffers=init_task_tree(params, shared, t),
+                      weights=jnp.zeros((t,), jnp.float32))
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
                                        "db_mtl")
+    check_record(state.weights, t, "db_mtl")
     losses = check_losses(losses, t, "db_mtl")
     buffers = task_tree_leaves(state.buffers, leaves, mask, "db_mtl",
                                "buffers")
@@ -177,7 +188,9 @@ def db_mtl(*, num_tasks: int, beta: float = 0.9, beta_sigma: float = 0.0,
         combine_leaves(sources, mask, weights, reduction), leaves)]
     new_state = DBMTLState(count=optax.safe_increment(state.count),
                            buffers=replace_task_tree(state.buffers,
-                                                     new_buffers))
+                                                     new_buffers),
+                           weights=record(weights, None, state.weights, None,
+                                          t, reduction)[0])
     return jax.tree.unflatten(treedef, out), cast_like(new_state, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.aggregate import combine, resolve
-from pcgrad_optax._core.checks import as_vector, check_num_tasks
+from pcgrad_optax._core.checks import (as_vector, check_num_tasks,
+                                       init_num_tasks)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import (check_reduction,
                                         leaves_accumulation_dtype)
@@ -21,7 +22,8 @@ from pcgrad_optax._core.task_state import (check_count, check_range,
                                            init_task_tree,
                                            replace_task_tree,
                                            task_tree_leaves)
-from pcgrad_optax._core.transform import cast_like, documented
+from pcgrad_optax._core.transform import (Aggregator, cast_like,
+                                          check_record, documented, record)
 
 
 def excess_mtl_weighting(weights: jax.Array, excess_risks: jax.Array,
@@ -83,26 +85,31 @@ class ExcessMTLState(NamedTuple):
 
   Attributes:
     count: number of updates done so far (int32).
-    weights: ``(T,)`` float32 task weights :math:`\\alpha` (``1/T`` at
-      first).
+    alpha: ``(T,)`` float32 task weights :math:`\\alpha` (on the simplex,
+      ``1/T`` at first).
     baseline: ``(T,)`` float32 sum of the excess risks of the warm-up
       steps, then (from the last warm-up step on) their mean
       :math:`\\hat E^{(0)}`.
     sq_sum: the AdaGrad accumulators :math:`\\sum_s g_{t,s}^2`: the params'
       structure, a ``(T,) + param.shape`` f32 (f64 for f64 params) array per
       shared leaf, ``optax.MaskedNode()`` for the other leaves.
+    weights: ``(T,)`` float32 weights applied to the shared leaves at the
+      last step (zeros before the first update), as in every state of the
+      package: :math:`\\alpha` after the step, divided by T with
+      ``reduction="mean"``.
   """
   count: jax.Array
-  weights: jax.Array
+  alpha: jax.Array
   baseline: jax.Array
   sq_sum: optax.Params
+  weights: jax.Array
 
 
 @documented
 def excess_mtl(*, num_tasks: int, step_size: float = 1e-2,
                warmup_steps: int = 1, eps: float = 1e-7,
                reduction: str = "sum", shared: SharedMask = None
-               ) -> optax.GradientTransformationExtraArgs:
+               ) -> Aggregator:
   r"""ExcessMTL: weight the tasks by how far they are from convergence.
 
   Algorithm 1 of He et al. (2024). The excess risk of task :math:`t`,
@@ -151,8 +158,8 @@ def excess_mtl(*, num_tasks: int, step_size: float = 1e-2,
       :func:`pcgrad_optax.pcgrad`; the excess risks are measured on them.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with an
-    :class:`ExcessMTLState`.
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with an :class:`ExcessMTLState`.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -164,7 +171,7 @@ def excess_mtl(*, num_tasks: int, step_size: float = 1e-2,
     >>> u, state = step({"w": jnp.array([[1., 0.], [0., 1.]])}, state, params)
     >>> # task 0 stalls (same gradient), task 1 converges (gradient / 10):
     >>> u, state = step({"w": jnp.array([[1., 0.], [0., .1]])}, state, params)
-    >>> print([round(float(v), 4) for v in state.weights])  # task 0 gains
+    >>> print([round(float(v), 4) for v in state.alpha])  # task 0 gains
     [0.6676, 0.3324]
 
   References:
@@ -173,22 +180,25 @@ def excess_mtl(*, num_tasks: int, step_size: float = 1e-2,
     ICML 2024.
   """
   check_reduction(reduction)
-  check_num_tasks(num_tasks)
+  expected = check_num_tasks(num_tasks)   # None when traced
   check_range(step_size, "step_size", low_open=True)
   check_range(eps, "eps")
   check_count(warmup_steps, "warmup_steps")
 
   def init_fn(params):
+    t = init_num_tasks(expected, "excess_mtl")
     return ExcessMTLState(
         count=jnp.zeros([], jnp.int32),
-        weights=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
-        baseline=jnp.zeros((num_tasks,), jnp.float32),
-        sq_sum=init_task_tree(params, shared, num_tasks))
+        alpha=jnp.full((t,), 1.0 / t, jnp.float32),
+        baseline=jnp.zeros((t,), jnp.float32),
+        sq_sum=init_task_tree(params, shared, t),
+        weights=jnp.zeros((t,), jnp.float32))
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
                                        "excess_mtl")
+    check_record(state.weights, t, "excess_mtl")
     sq_sum = task_tree_leaves(state.sq_sum, leaves, mask, "excess_mtl",
                               "sq_sum")
     acc = leaves_accumulation_dtype(leaves)
@@ -206,13 +216,14 @@ def excess_mtl(*, num_tasks: int, step_size: float = 1e-2,
     total = jnp.where(in_warmup, state.baseline + excess, state.baseline)
     baseline = jnp.where(last_warmup, total / warmup_steps, total)
     weights = jnp.where(
-        in_warmup, state.weights,
-        excess_mtl_weighting(state.weights, excess, state.baseline,
+        in_warmup, state.alpha,
+        excess_mtl_weighting(state.alpha, excess, state.baseline,
                              step_size=step_size))
     new_state = ExcessMTLState(
-        count=optax.safe_increment(state.count), weights=weights,
-        baseline=baseline, sq_sum=replace_task_tree(state.sq_sum, new_sq))
+        count=optax.safe_increment(state.count), alpha=weights,
+        baseline=baseline, sq_sum=replace_task_tree(state.sq_sum, new_sq),
+        weights=record(weights, None, state.weights, None, t, reduction)[0])
     return combine(leaves, treedef, mask, weights, reduction), cast_like(
         new_state, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

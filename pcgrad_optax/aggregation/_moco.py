@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.aggregate import combine_leaves, resolve
-from pcgrad_optax._core.checks import as_vector, check_losses, check_num_tasks
+from pcgrad_optax._core.checks import (as_vector, check_choice, check_losses,
+                                       check_num_tasks, init_num_tasks)
 from pcgrad_optax._core.gram import check_gram, leaf_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import (check_reduction,
@@ -22,7 +23,8 @@ from pcgrad_optax._core.stacked import (check_reduction,
 from pcgrad_optax._core.task_state import (check_range, init_task_tree,
                                            replace_task_tree,
                                            task_tree_leaves)
-from pcgrad_optax._core.transform import cast_like, documented
+from pcgrad_optax._core.transform import (Aggregator, cast_like,
+                                          check_record, documented, record)
 from pcgrad_optax.aggregation._simplex import project_to_simplex
 
 MOCO_WEIGHT_UPDATES = ("projection", "softmax")
@@ -90,14 +92,21 @@ class MoCoState(NamedTuple):
 
   Attributes:
     count: number of updates done so far (int32).
-    weights: ``(T,)`` float32 task weights :math:`\\lambda`.
+    lambdas: ``(T,)`` float32 task weights :math:`\\lambda` (on the
+      simplex, ``1/T`` at first), moved every step.
     tracked: the tracked gradients :math:`Y`: the params' structure, a
       ``(T,) + param.shape`` f32 (f64 for f64 params) array per shared leaf,
       ``optax.MaskedNode()`` for the other leaves; zeros at first.
+    weights: ``(T,)`` float32 weights applied at the last step (zeros
+      before the first update), as in every state of the package: the
+      shared part of the update is ``sum_t weights[t] y_t`` (on the tracked
+      gradients), i.e. :math:`\\lambda` after the step, divided by T with
+      ``reduction="mean"``.
   """
   count: jax.Array
-  weights: jax.Array
+  lambdas: jax.Array
   tracked: optax.Params
+  weights: jax.Array
 
 
 def _decayed(rate, sigma, k):
@@ -108,8 +117,7 @@ def _decayed(rate, sigma, k):
 def moco(*, num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
          gamma: float = 0.1, gamma_sigma: float = 0.5, rho: float = 0.0,
          weight_update: str = "projection", normalize: bool = False,
-         reduction: str = "sum", shared: SharedMask = None
-         ) -> optax.GradientTransformationExtraArgs:
+         reduction: str = "sum", shared: SharedMask = None) -> Aggregator:
   r"""MoCo: MGDA-like weights on tracked (bias-corrected) task gradients.
 
   Algorithm 1 of Fernando et al. (2023) on the shared parameters. At step
@@ -158,7 +166,8 @@ def moco(*, num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
       :func:`pcgrad_optax.pcgrad`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a :class:`MoCoState`;
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`MoCoState`;
     with ``normalize=True``,
     ``update(grads, state, params=None, *, losses)`` needs the ``(T,)``
     task losses.
@@ -172,7 +181,7 @@ def moco(*, num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
     >>> g = {"w": jnp.array([[1., 0.], [0., 2.]])}
     >>> for _ in range(3):
     ...   u, state = jax.jit(tx.update)(g, state, params)
-    >>> print([round(float(v), 4) for v in state.weights])  # to MGDA's 0.8
+    >>> print([round(float(v), 4) for v in state.lambdas])  # to MGDA's 0.8
     [0.6046, 0.3954]
     >>> print([round(float(v), 4) for v in u["w"]])  # Y = (1 - 0.5^3) g
     [0.529, 0.692]
@@ -183,26 +192,27 @@ def moco(*, num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
     <https://openreview.net/forum?id=dLAYGdKTi2>`_, ICLR 2023.
   """
   check_reduction(reduction)
-  check_num_tasks(num_tasks)
+  expected = check_num_tasks(num_tasks)   # None when traced
   check_range(beta, "beta", low_open=True, high=1.0)
   check_range(beta_sigma, "beta_sigma")
   check_range(gamma, "gamma", low_open=True)
   check_range(gamma_sigma, "gamma_sigma")
   check_range(rho, "rho")
-  if weight_update not in MOCO_WEIGHT_UPDATES:
-    raise ValueError(f"Unknown weight_update {weight_update!r}; expected one "
-                     f"of {MOCO_WEIGHT_UPDATES}.")
+  check_choice(weight_update, MOCO_WEIGHT_UPDATES, "weight_update")
 
   def init_fn(params):
+    t = init_num_tasks(expected, "moco")
     return MoCoState(
         count=jnp.zeros([], jnp.int32),
-        weights=jnp.full((num_tasks,), 1.0 / num_tasks, jnp.float32),
-        tracked=init_task_tree(params, shared, num_tasks))
+        lambdas=jnp.full((t,), 1.0 / t, jnp.float32),
+        tracked=init_task_tree(params, shared, t),
+        weights=jnp.zeros((t,), jnp.float32))
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
                                        "moco")
+    check_record(state.weights, t, "moco")
     tracked = task_tree_leaves(state.tracked, leaves, mask, "moco",
                                "tracked")
     shared_grads = [x for x, m in zip(leaves, mask) if m]
@@ -225,17 +235,17 @@ def moco(*, num_tasks: int, beta: float = 0.5, beta_sigma: float = 0.5,
     gram = jnp.zeros((t, t), acc)
     for y in new_tracked:
       gram = gram + leaf_gram(y).astype(acc)
-    weights = moco_weighting(gram, state.weights, step_size=gamma_k, rho=rho,
+    weights = moco_weighting(gram, state.lambdas, step_size=gamma_k, rho=rho,
                              weight_update=weight_update)
     # The shared leaves' update is Y^T lambda; the heads' the plain sum.
     ys = iter(new_tracked)
     sources = [next(ys) if m else x for x, m in zip(leaves, mask)]
     out = [o.astype(x.dtype) for o, x in zip(
         combine_leaves(sources, mask, weights, reduction), leaves)]
-    new_state = MoCoState(count=optax.safe_increment(state.count),
-                          weights=weights,
-                          tracked=replace_task_tree(state.tracked,
-                                                    new_tracked))
+    new_state = MoCoState(
+        count=optax.safe_increment(state.count), lambdas=weights,
+        tracked=replace_task_tree(state.tracked, new_tracked),
+        weights=record(weights, None, state.weights, None, t, reduction)[0])
     return jax.tree.unflatten(treedef, out), cast_like(new_state, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

@@ -14,13 +14,15 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.aggregate import resolve
-from pcgrad_optax._core.checks import as_vector, check_num_tasks
+from pcgrad_optax._core.checks import (as_vector, check_num_tasks,
+                                       init_num_tasks)
 from pcgrad_optax._core.gram import masked_cross
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.task_state import (check_range, check_second_batch,
                                            two_batch_update)
-from pcgrad_optax._core.transform import cast_like, documented
+from pcgrad_optax._core.transform import (Aggregator, cast_like,
+                                          check_record, documented, record)
 from pcgrad_optax.aggregation._simplex import project_to_simplex
 
 
@@ -94,16 +96,21 @@ class MoDoState(NamedTuple):
   """State of :func:`modo`.
 
   Attributes:
-    weights: ``(T,)`` float32 task weights :math:`\\lambda` (``1/T`` at
-      first).
+    lambdas: ``(T,)`` float32 task weights :math:`\\lambda` (on the
+      simplex, ``1/T`` at first), moved every step.
+    weights: ``(T,)`` float32 weights applied to the shared leaves at the
+      last step (zeros before the first update), as in every state of the
+      package: :math:`\\lambda` after the step, divided by T with
+      ``reduction="mean"`` (applied to the mean of the two batches, or to
+      ``third_grads``).
   """
+  lambdas: jax.Array
   weights: jax.Array
 
 
 @documented
 def modo(*, num_tasks: int, step_size: float = 1e-3, rho: float = 0.1,
-         reduction: str = "sum", shared: SharedMask = None
-         ) -> optax.GradientTransformationExtraArgs:
+         reduction: str = "sum", shared: SharedMask = None) -> Aggregator:
   r"""MoDo: task weights from two independent batches (double sampling).
 
   Each step takes the stacked gradients of two independent mini-batches,
@@ -131,6 +138,17 @@ def modo(*, num_tasks: int, step_size: float = 1e-3, rho: float = 0.1,
 
   @FIRST_IN_CHAIN@
 
+  Extra batches and ``optax.experimental.aggregating.process``: optax's
+  extra arguments pass through wrappers untouched, so in
+  ``aggregating.process(pre, tx, post)`` the preprocessor ``pre`` (e.g.
+  per-task clipping) transforms ``grads`` only, and ``second_grads`` /
+  ``third_grads`` reach this transformation unprocessed. That part of the
+  Aggregator contract (the aggregator sees preprocessed per-task updates)
+  cannot hold for batches passed as extra arguments: apply the same
+  preprocessing to them before the call (see the test of ``process`` in
+  ``tests/aggregation/test_stateful_records.py``). Other extra arguments
+  are accepted and ignored.
+
   Args:
     num_tasks: T (the weights are allocated at ``init``).
     step_size: :math:`\gamma > 0` (``1e-3`` as in LibMTL; torchjd 0.1).
@@ -140,7 +158,8 @@ def modo(*, num_tasks: int, step_size: float = 1e-3, rho: float = 0.1,
       :func:`pcgrad_optax.pcgrad`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a :class:`MoDoState`;
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`MoDoState`;
     ``update(grads, state, params=None, *, second_grads, third_grads=None)``
     needs ``second_grads``, the stacked gradients of a second batch with the
     structure and shapes of ``grads`` (ValueError otherwise).
@@ -154,7 +173,7 @@ def modo(*, num_tasks: int, step_size: float = 1e-3, rho: float = 0.1,
     >>> g1 = {"w": jnp.array([[1., 0.], [0., 2.]])}   # batch 1
     >>> g2 = {"w": jnp.array([[1., 0.2], [0., 2.]])}  # batch 2
     >>> u, state = jax.jit(tx.update)(g1, state, params, second_grads=g2)
-    >>> print([round(float(v), 4) for v in state.weights])
+    >>> print([round(float(v), 4) for v in state.lambdas])
     [0.585, 0.415]
     >>> print([round(float(v), 4) for v in u["w"]])  # on the batches' mean
     [0.585, 0.8885]
@@ -165,29 +184,33 @@ def modo(*, num_tasks: int, step_size: float = 1e-3, rho: float = 0.1,
     <https://arxiv.org/abs/2305.20057>`_, NeurIPS 2023.
   """
   check_reduction(reduction)
-  check_num_tasks(num_tasks)
+  expected = check_num_tasks(num_tasks)   # None when traced
   check_range(step_size, "step_size", low_open=True)
   check_range(rho, "rho")
 
   def init_fn(params):
     del params
-    return MoDoState(weights=jnp.full((num_tasks,), 1.0 / num_tasks,
-                                      jnp.float32))
+    t = init_num_tasks(expected, "modo")
+    return MoDoState(lambdas=jnp.full((t,), 1.0 / t, jnp.float32),
+                     weights=jnp.zeros((t,), jnp.float32))
 
   def update_fn(updates, state, params=None, *, second_grads=None,
                 third_grads=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
                                        "modo")
+    check_record(state.weights, t, "modo")
     second = check_second_batch(second_grads, leaves, treedef, "modo",
                                 "second_grads")
     third = None if third_grads is None else check_second_batch(
         third_grads, leaves, treedef, "modo", "third_grads")
     cross = masked_cross(leaves, second, mask, t)
-    weights = modo_weighting(cross, state.weights, step_size=step_size,
+    weights = modo_weighting(cross, state.lambdas, step_size=step_size,
                              rho=rho)
     out = two_batch_update(leaves, second, third, mask, weights, reduction)
-    return jax.tree.unflatten(treedef, out), cast_like(MoDoState(weights),
-                                                       state)
+    new_state = MoDoState(
+        lambdas=weights,
+        weights=record(weights, None, state.weights, None, t, reduction)[0])
+    return jax.tree.unflatten(treedef, out), cast_like(new_state, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

@@ -67,7 +67,7 @@ def test_sequence_matches_reference(t, masked, warmup):
     grads = np.asarray(decay**k * rng.standard_normal((t, 24)), np.float32)
     out, state = step(to_tree(grads), state, PARAMS)
     expected = ref.step(grads)
-    np.testing.assert_allclose(state.weights, ref.alpha, rtol=1e-5,
+    np.testing.assert_allclose(state.alpha, ref.alpha, rtol=1e-5,
                                atol=1e-6)
     np.testing.assert_allclose(flat(out), expected, rtol=1e-5, atol=1e-5)
   assert len(jax.tree.leaves(state.sq_sum)) == (2 if masked else 3)
@@ -89,7 +89,7 @@ def test_weights_invariant_to_a_task_gradient_scale(seed, t, log_c):
     state = tx.init(PARAMS)
     for g in seq:
       _, state = tx.update(to_tree(g * scale), state, PARAMS)
-    weights.append(np.asarray(state.weights))
+    weights.append(np.asarray(state.alpha))
   np.testing.assert_allclose(weights[1], weights[0], rtol=1e-4, atol=1e-6)
 
 

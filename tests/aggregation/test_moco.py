@@ -91,7 +91,7 @@ def test_sequence_matches_reference(t, masked, variant):
     losses = np.asarray(rng.uniform(0.5, 2.0, t), np.float32)
     out, state = step(to_tree(grads), state, PARAMS, losses=losses)
     expected = ref.step(grads, losses)
-    np.testing.assert_allclose(state.weights, ref.lam, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.lambdas, ref.lam, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(flat(out), expected, rtol=1e-5, atol=1e-5)
     tracked = np.concatenate([np.asarray(x).reshape(t, -1) for x in
                               jax.tree.leaves(state.tracked)], axis=1)
@@ -128,7 +128,7 @@ def test_deterministic_gradients_reach_mgda(seed, t):
     return tx.update(grads, state, PARAMS)[1], None
 
   state, _ = jax.lax.scan(body, tx.init(PARAMS), None, length=3000)
-  d = np.asarray(state.weights, np.float64) @ g
+  d = np.asarray(state.lambdas, np.float64) @ g
   d_ref = mgda_ref(gram) @ g
   assert np.linalg.norm(d - d_ref) <= 2e-3 * np.linalg.norm(g, axis=1).max()
 
@@ -175,4 +175,4 @@ def test_zero_gradients_and_bf16_state_dtype():
   assert all(np.all(np.asarray(o, np.float32) == 0)
              for o in jax.tree.leaves(out))
   assert all(o.dtype == jnp.bfloat16 for o in jax.tree.leaves(out))
-  np.testing.assert_allclose(state.weights, np.full(3, 1 / 3), atol=1e-7)
+  np.testing.assert_allclose(state.lambdas, np.full(3, 1 / 3), atol=1e-7)

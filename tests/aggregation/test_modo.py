@@ -77,7 +77,7 @@ def test_sequence_matches_reference(t, masked, with_third):
     ref, lam = reference_modo((j1, j2), lam, gamma, rho, masked,
                               j3 if with_third else None)
     np.testing.assert_allclose(flat(out), ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(state.weights, lam, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.lambdas, lam, rtol=1e-5, atol=1e-6)
 
 
 def test_mean_reduction_and_default_hyperparameters():
@@ -90,7 +90,7 @@ def test_mean_reduction_and_default_hyperparameters():
   ref, lam = reference_modo((j1, j2), np.full(3, 1 / 3), 1e-3, 0.1, False,
                             reduction="mean")
   np.testing.assert_allclose(flat(out), ref, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(state.weights, lam, rtol=1e-6)
+  np.testing.assert_allclose(state.lambdas, lam, rtol=1e-6)
 
 
 @HYP
@@ -121,14 +121,14 @@ def test_cross_matrix_is_j1_j2t_and_gram_for_one_batch():
   _, s = tx.update(to_tree(j1), tx.init(PARAMS), PARAMS,
                    second_grads=to_tree(j1))
   np.testing.assert_allclose(
-      s.weights, project_simplex_ref(np.full(3, 1 / 3) - 0.3 * (
+      s.lambdas, project_simplex_ref(np.full(3, 1 / 3) - 0.3 * (
           j1 @ j1.T) @ np.full(3, 1 / 3)), rtol=1e-5, atol=1e-6)
   # Two batches: the step follows J1 J2^T (grads first), not J2 J1^T.
   _, s12 = tx.update(to_tree(j1), tx.init(PARAMS), PARAMS,
                      second_grads=to_tree(j2))
   lam = np.full(3, 1 / 3)
   np.testing.assert_allclose(
-      s12.weights, project_simplex_ref(lam - 0.3 * (j1 @ j2.T) @ lam),
+      s12.lambdas, project_simplex_ref(lam - 0.3 * (j1 @ j2.T) @ lam),
       rtol=1e-5, atol=1e-6)
 
 
@@ -138,7 +138,7 @@ def test_zero_second_batch_keeps_the_weights():
   tx = po.modo(num_tasks=3)
   _, s = tx.update(g, tx.init(PARAMS), PARAMS,
                    second_grads=jax.tree.map(jnp.zeros_like, g))
-  np.testing.assert_allclose(s.weights, np.full(3, 1 / 3), rtol=1e-6)
+  np.testing.assert_allclose(s.lambdas, np.full(3, 1 / 3), rtol=1e-6)
 
 
 def test_bad_second_batch_errors_name_it():

@@ -83,7 +83,7 @@ def test_sequence_matches_reference(t, masked, with_third):
     out, state = step(to_tree(j1), state, PARAMS, **kwargs)
     ref, w = reference_sdmgrad(j1, j2, j3 if with_third else None, w,
                                masked, **hyper)
-    np.testing.assert_allclose(state.weights, w, atol=2e-5)
+    np.testing.assert_allclose(state.inner_weights, w, atol=2e-5)
     np.testing.assert_allclose(flat(out), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -97,7 +97,7 @@ def test_default_hyperparameters_match_reference():
                          second_grads=to_tree(j2))
   ref, w = reference_sdmgrad(j1, j2, None, np.full(4, 0.25), False, lam=0.3,
                              lr=10.0, momentum=0.5, steps=20)
-  np.testing.assert_allclose(state.weights, w, atol=1e-4)
+  np.testing.assert_allclose(state.inner_weights, w, atol=1e-4)
   np.testing.assert_allclose(flat(out), ref, rtol=1e-3, atol=1e-3)
 
 
