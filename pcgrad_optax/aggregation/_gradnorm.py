@@ -14,13 +14,15 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.aggregate import combine, resolve
-from pcgrad_optax._core.checks import as_vector, check_losses, check_num_tasks
+from pcgrad_optax._core.checks import (as_vector, check_choice, check_losses,
+                                       check_num_tasks, init_num_tasks)
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import (check_reduction,
                                         leaves_accumulation_dtype)
 from pcgrad_optax._core.task_state import check_range
-from pcgrad_optax._core.transform import cast_like, documented
+from pcgrad_optax._core.transform import (Aggregator, cast_like,
+                                          check_record, documented, record)
 
 GRADNORM_PARAMETRIZATIONS = ("weights", "softmax")
 
@@ -37,7 +39,14 @@ def _balance_loss(param, norms, loss_ratios, alpha, parametrization):
   ratios = loss_ratios / jnp.mean(loss_ratios)
   target = jax.lax.stop_gradient(
       jnp.mean(g) * ratios ** jnp.asarray(alpha, g.dtype))
-  return jnp.sum(jnp.abs(g - target))
+  diff = g - target
+  # |G_t - target| has a kink where a task is balanced: a difference within
+  # rounding error of the targets counts as 0 (the subgradient 0, the
+  # minimal-norm one), so that the step does not depend on how equal norms
+  # round (e.g. per-task clipped gradients, jit or not).
+  tol = jax.lax.stop_gradient(
+      32 * jnp.finfo(g.dtype).eps * jnp.max(jnp.abs(target)))
+  return jnp.sum(jnp.where(jnp.abs(diff) <= tol, 0 * diff, jnp.abs(diff)))
 
 
 def _renormalized(w):
@@ -70,7 +79,9 @@ def gradnorm_weighting(gram: jax.Array, weights: jax.Array,
 
   with the targets :math:`\bar G r_t^\alpha` held constant, so
   :math:`\partial L_{grad} / \partial w_t = \|g_t\|\,
-  \operatorname{sign}(G_t - \bar G r_t^\alpha)`. The step
+  \operatorname{sign}(G_t - \bar G r_t^\alpha)` (0 for a task within
+  rounding error of its target, :math:`32\,\epsilon_{mach}
+  \max_s \bar G r_s^\alpha`: the subgradient at the kink). The step
   :math:`w \leftarrow w - \eta\, \nabla_w L_{grad}` is followed by the
   paper's renormalisation :math:`\sum_t w_t = T` (after clipping negative
   weights at 0, which the paper leaves open; all-zero weights restart at
@@ -125,11 +136,16 @@ class GradNormState(NamedTuple):
       :math:`w = T \\operatorname{softmax}(\\xi)` (zeros at first).
     initial_losses: ``(T,)`` float32 losses :math:`L(0)` of the first step.
     opt_state: state of the optimiser of ``param``.
+    weights: ``(T,)`` float32 weights applied to the shared leaves at the
+      last step (zeros before the first update), as in every state of the
+      package: the weights of ``param`` before the step, divided by T with
+      ``reduction="mean"``.
   """
   count: jax.Array
   param: jax.Array
   initial_losses: jax.Array
   opt_state: optax.OptState
+  weights: jax.Array
 
 
 @documented
@@ -137,8 +153,7 @@ def gradnorm(alpha: float = 1.5, *, num_tasks: int,
              learning_rate: float = 0.025,
              optimizer: optax.GradientTransformation | None = None,
              parametrization: str = "weights", reduction: str = "sum",
-             shared: SharedMask = None
-             ) -> optax.GradientTransformationExtraArgs:
+             shared: SharedMask = None) -> Aggregator:
   r"""GradNorm: learn task weights that equalise the weighted gradient norms.
 
   Algorithm 1 of Chen et al. (2018). Step :math:`k` weights the task
@@ -184,8 +199,8 @@ def gradnorm(alpha: float = 1.5, *, num_tasks: int,
       :func:`pcgrad_optax.pcgrad`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a
-    :class:`GradNormState`; ``update(grads, state, params=None, *, losses)``
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`GradNormState`; ``update(grads, state, params=None, *, losses)``
     needs the ``(T,)`` task losses (ValueError otherwise).
 
   Example:
@@ -208,26 +223,27 @@ def gradnorm(alpha: float = 1.5, *, num_tasks: int,
     <https://arxiv.org/abs/1711.02257>`_, ICML 2018.
   """
   check_reduction(reduction)
-  check_num_tasks(num_tasks)
+  expected = check_num_tasks(num_tasks)   # None when traced
   check_range(alpha, "alpha")
   check_range(learning_rate, "learning_rate", low_open=True)
-  if parametrization not in GRADNORM_PARAMETRIZATIONS:
-    raise ValueError(f"Unknown parametrization {parametrization!r}; expected "
-                     f"one of {GRADNORM_PARAMETRIZATIONS}.")
+  check_choice(parametrization, GRADNORM_PARAMETRIZATIONS, "parametrization")
   opt = optimizer if optimizer is not None else optax.sgd(learning_rate)
 
   def init_fn(params):
     del params
+    t = init_num_tasks(expected, "gradnorm")
     start = jnp.zeros if parametrization == "softmax" else jnp.ones
-    param = start((num_tasks,), jnp.float32)
+    param = start((t,), jnp.float32)
     return GradNormState(count=jnp.zeros([], jnp.int32), param=param,
-                         initial_losses=jnp.ones((num_tasks,), jnp.float32),
-                         opt_state=opt.init(param))
+                         initial_losses=jnp.ones((t,), jnp.float32),
+                         opt_state=opt.init(param),
+                         weights=jnp.zeros((t,), jnp.float32))
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
                                        "gradnorm")
+    check_record(state.weights, t, "gradnorm")
     losses = check_losses(losses, t, "gradnorm")
     acc = leaves_accumulation_dtype(leaves)
     sq = sum((jnp.sum(jnp.square(x.astype(acc)), axis=tuple(range(1, x.ndim)))
@@ -246,8 +262,10 @@ def gradnorm(alpha: float = 1.5, *, num_tasks: int,
       new_param = _renormalized(new_param)
     new_state = GradNormState(count=optax.safe_increment(state.count),
                               param=new_param, initial_losses=initial,
-                              opt_state=opt_state)
+                              opt_state=opt_state,
+                              weights=record(weights, None, state.weights,
+                                             None, t, reduction)[0])
     return combine(leaves, treedef, mask, weights, reduction), cast_like(
         new_state, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

@@ -15,14 +15,16 @@ import optax
 from jax import lax
 
 from pcgrad_optax._core.aggregate import resolve
-from pcgrad_optax._core.checks import as_vector, check_num_tasks
+from pcgrad_optax._core.checks import (as_vector, check_num_tasks,
+                                       init_num_tasks)
 from pcgrad_optax._core.gram import masked_cross
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.task_state import (check_count, check_range,
                                            check_second_batch,
                                            two_batch_update)
-from pcgrad_optax._core.transform import cast_like, documented
+from pcgrad_optax._core.transform import (Aggregator, cast_like,
+                                          check_record, documented, record)
 from pcgrad_optax.aggregation._modo import check_cross
 from pcgrad_optax.aggregation._simplex import project_to_simplex
 
@@ -109,9 +111,16 @@ def sdmgrad_weighting(cross: jax.Array, weights: jax.Array, *,
   check_count(num_steps, "num_steps")
   pref = (jnp.full((t,), 1.0 / t, dtype) if preference is None else
           as_vector(preference, t, "preference", dtype).astype(dtype))
-  lam = jnp.asarray(lambda_, dtype)
-  lr = jnp.asarray(learning_rate, dtype)
-  mu = jnp.asarray(momentum, dtype)
+  return _sdmgrad_solve(cross, weights, pref, jnp.asarray(lambda_, dtype),
+                        jnp.asarray(learning_rate, dtype),
+                        jnp.asarray(momentum, dtype),
+                        jnp.asarray(num_steps, jnp.int32))
+
+
+# Jitted once at module level: called eagerly (a transformation outside jit),
+# a fresh fori_loop body would compile again at every step.
+@jax.jit
+def _sdmgrad_solve(cross, weights, pref, lam, lr, mu, num_steps):
   scale = jnp.mean(jnp.sqrt(jnp.maximum(jnp.diagonal(cross), 0)))
   a = cross / jnp.where(scale > 0, scale**2, 1)
 
@@ -128,9 +137,15 @@ class SDMGradState(NamedTuple):
   """State of :func:`sdmgrad`.
 
   Attributes:
-    weights: ``(T,)`` float32 inner weights :math:`w` (``1/T`` at first),
-      the warm start of the next step's inner solve.
+    inner_weights: ``(T,)`` float32 inner weights :math:`w` (``1/T`` at
+      first), the warm start of the next step's inner solve.
+    weights: ``(T,)`` float32 weights applied to the shared leaves at the
+      last step (zeros before the first update), as in every state of the
+      package: :math:`(w + \\lambda\\tilde w) / (1 + \\lambda)`, divided by
+      T with ``reduction="mean"`` (applied to the mean of the two batches,
+      or to ``third_grads``).
   """
+  inner_weights: jax.Array
   weights: jax.Array
 
 
@@ -139,7 +154,7 @@ def sdmgrad(*, num_tasks: int, lambda_: float = 0.3,
             learning_rate: float = 10.0, momentum: float = 0.5,
             num_steps: int = 20, preference: jax.Array | None = None,
             reduction: str = "sum", shared: SharedMask = None
-            ) -> optax.GradientTransformationExtraArgs:
+            ) -> Aggregator:
   r"""SDMGrad: direction-oriented MGDA from two independent batches.
 
   Each step takes the stacked gradients of two independent mini-batches,
@@ -160,6 +175,17 @@ def sdmgrad(*, num_tasks: int, lambda_: float = 0.3,
 
   @FIRST_IN_CHAIN@
 
+  Extra batches and ``optax.experimental.aggregating.process``: optax's
+  extra arguments pass through wrappers untouched, so in
+  ``aggregating.process(pre, tx, post)`` the preprocessor ``pre`` (e.g.
+  per-task clipping) transforms ``grads`` only, and ``second_grads`` /
+  ``third_grads`` reach this transformation unprocessed. That part of the
+  Aggregator contract (the aggregator sees preprocessed per-task updates)
+  cannot hold for batches passed as extra arguments: apply the same
+  preprocessing to them before the call (see the test of ``process`` in
+  ``tests/aggregation/test_stateful_records.py``). Other extra arguments
+  are accepted and ignored.
+
   Args:
     num_tasks: T (the weights are allocated at ``init``).
     lambda_: :math:`\lambda \ge 0`, the pull towards the preferred direction
@@ -174,8 +200,8 @@ def sdmgrad(*, num_tasks: int, lambda_: float = 0.3,
       :func:`pcgrad_optax.pcgrad`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a
-    :class:`SDMGradState`;
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`SDMGradState`;
     ``update(grads, state, params=None, *, second_grads, third_grads=None)``
     needs ``second_grads``, the stacked gradients of a second batch with the
     structure and shapes of ``grads`` (ValueError otherwise).
@@ -198,35 +224,40 @@ def sdmgrad(*, num_tasks: int, lambda_: float = 0.3,
     NeurIPS 2023.
   """
   check_reduction(reduction)
-  check_num_tasks(num_tasks)
+  expected = check_num_tasks(num_tasks)   # None when traced
   check_range(lambda_, "lambda_")
   check_range(learning_rate, "learning_rate", low_open=True)
   check_range(momentum, "momentum", high=1.0, high_open=True)
   check_count(num_steps, "num_steps")
   if preference is not None:
-    as_vector(preference, num_tasks, "preference")
+    as_vector(preference, expected, "preference")
 
   def init_fn(params):
     del params
-    return SDMGradState(weights=jnp.full((num_tasks,), 1.0 / num_tasks,
-                                         jnp.float32))
+    t = init_num_tasks(expected, "sdmgrad")
+    return SDMGradState(inner_weights=jnp.full((t,), 1.0 / t, jnp.float32),
+                        weights=jnp.zeros((t,), jnp.float32))
 
   def update_fn(updates, state, params=None, *, second_grads=None,
                 third_grads=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
                                        "sdmgrad")
+    check_record(state.weights, t, "sdmgrad")
     second = check_second_batch(second_grads, leaves, treedef, "sdmgrad",
                                 "second_grads")
     third = None if third_grads is None else check_second_batch(
         third_grads, leaves, treedef, "sdmgrad", "third_grads")
     cross = masked_cross(leaves, second, mask, t)
     update_weights, weights = sdmgrad_weighting(
-        cross, state.weights, lambda_=lambda_, learning_rate=learning_rate,
+        cross, state.inner_weights, lambda_=lambda_, learning_rate=learning_rate,
         momentum=momentum, num_steps=num_steps, preference=preference)
     out = two_batch_update(leaves, second, third, mask, update_weights,
                            reduction)
-    return jax.tree.unflatten(treedef, out), cast_like(
-        SDMGradState(weights), state)
+    new_state = SDMGradState(
+        inner_weights=weights,
+        weights=record(update_weights, None, state.weights, None, t,
+                       reduction)[0])
+    return jax.tree.unflatten(treedef, out), cast_like(new_state, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)
