@@ -310,7 +310,10 @@ def task_weights(opt_state: Any) -> jax.Array:
   ``opt_state``, e.g. the state of ``optax.chain(pcgrad_optax.mgda(
   num_tasks=T), optax.adam(1e-3))``: the ``(T,)`` weights applied to the
   shared leaves at the last update (GradVac: ``(G, T)``, one row per
-  parameter group); zeros before the first update.
+  parameter group); zeros before the first update. Unlike
+  ``optax.tree_utils.tree_get(opt_state, "weights")`` it only looks at the
+  package's state types, so a parameter named ``weights`` (a dict key in
+  Adam's params-shaped moments) does not get in the way.
 
   Args:
     opt_state: an optimizer state holding one pcgrad_optax transformation's
@@ -324,13 +327,14 @@ def task_weights(opt_state: Any) -> jax.Array:
       was built without ``num_tasks``), or several do.
 
   Example:
-    >>> import jax.numpy as jnp, optax
+    >>> import jax.numpy as jnp, numpy as np, optax
     >>> import pcgrad_optax
     >>> tx = optax.chain(pcgrad_optax.mgda(num_tasks=2), optax.sgd(0.1))
     >>> params = {"w": jnp.zeros(2)}
     >>> grads = {"w": jnp.array([[1., 0.], [0., 2.]])}
     >>> _, state = tx.update(grads, tx.init(params), params)
-    >>> print(pcgrad_optax.diagnostics.task_weights(state))
+    >>> w = pcgrad_optax.diagnostics.task_weights(state)
+    >>> print(np.round(np.asarray(w, np.float64), 4))
     [0.8 0.2]
   """
   return _recorded(opt_state, "weights", required=True)
@@ -380,7 +384,7 @@ def from_state(opt_state: Any, *, threshold: float = -0.01
     >>> grads = {"w": jnp.array([[1., 0.], [-1., 1.]])}
     >>> _, state = tx.update(grads, tx.init(params), params)
     >>> logs = pcgrad_optax.diagnostics.from_state(state)
-    >>> print(logs["weights"], f"{logs['min_cosine']:.3f}")
+    >>> print(jnp.round(logs["weights"], 4), f"{logs['min_cosine']:.3f}")
     [1.   0.75] -0.707
   """
   out = {"weights": task_weights(opt_state)}

@@ -82,7 +82,8 @@ RECORD_ARGS = """    num_tasks: optional T. Given, the state is a
       (``init`` only sees the params, so the ``(T,)`` shape must be known up
       front).
     keep_gram: also keep the last step's ``(T, T)`` Gram matrix (``gram``);
-      needs ``num_tasks``.
+      needs ``num_tasks``. (With ``optax.inject_hyperparams`` and a jitted
+      ``init``, pass ``static_args="num_tasks"``.)
 """
 
 RETURNS = """  Returns:
