@@ -60,11 +60,15 @@ def task_losses(t):
 
 
 def second_batch(t):
-  # SDMGrad and MoDo take a second batch's stacked gradients. The contract's
-  # checks build their gradients from seed 0, so this is the same batch: the
-  # update (the mean of the two batches) then keeps the checks' expectations
-  # (heads = their plain sum, identity at T = 1). Independent batches are
-  # tested in tests/aggregation/test_sdmgrad.py and test_modo.py.
+  # SDMGrad and MoDo take a second batch's stacked gradients. The checks
+  # with expectations on the update (heads = their plain sum, identity at
+  # T = 1) build their gradients from seed 0, so this is the same batch and
+  # the update (the mean of the two batches) keeps them. The other checks
+  # (other seeds, bf16/f16/f64 gradients, per-task clipping inside
+  # aggregating.process, which does not touch extra arguments) compare the
+  # transformation with itself, fed this same f32 batch: any fixed second
+  # batch serves them. Independent batches, and a second batch clipped by
+  # the caller in process, are tested in tests/aggregation/.
   return {"second_grads": stacked_grads(t)}
 
 
