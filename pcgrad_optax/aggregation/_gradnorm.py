@@ -200,8 +200,9 @@ def gradnorm(alpha: float = 1.5, *, num_tasks: int,
 
   Returns:
     An :class:`optax.experimental.aggregating.Aggregator` (a
-    ``GradientTransformationExtraArgs``) with a :class:`GradNormState`; ``update(grads, state, params=None, *, losses)``
-    needs the ``(T,)`` task losses (ValueError otherwise).
+    ``GradientTransformationExtraArgs``) with a :class:`GradNormState`;
+    ``update(grads, state, params=None, *, losses)`` needs the ``(T,)``
+    task losses (ValueError otherwise).
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from pcgrad_optax._core.aggregate import resolve
 from pcgrad_optax._core.checks import (as_vector, check_num_tasks,

@@ -11,7 +11,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
 from pcgrad_optax._core.aggregate import resolve
@@ -250,8 +249,9 @@ def sdmgrad(*, num_tasks: int, lambda_: float = 0.3,
         third_grads, leaves, treedef, "sdmgrad", "third_grads")
     cross = masked_cross(leaves, second, mask, t)
     update_weights, weights = sdmgrad_weighting(
-        cross, state.inner_weights, lambda_=lambda_, learning_rate=learning_rate,
-        momentum=momentum, num_steps=num_steps, preference=preference)
+        cross, state.inner_weights, lambda_=lambda_,
+        learning_rate=learning_rate, momentum=momentum, num_steps=num_steps,
+        preference=preference)
     out = two_batch_update(leaves, second, third, mask, update_weights,
                            reduction)
     new_state = SDMGradState(
