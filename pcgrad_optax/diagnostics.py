@@ -66,7 +66,10 @@ __all__ = [
 # The package's state types that record the last step's weights (and Gram).
 _RECORDING_STATES = frozenset({
     "GramState", "PCGradState", "GradVacState", "RLWState", "DWAState",
-    "FAMOState", "UncertaintyState"})
+    "FAMOState", "UncertaintyState",
+    # Issue 13's stateful methods.
+    "ExcessMTLState", "MoCoState", "DBMTLState", "GradNormState",
+    "SDMGradState", "MoDoState"})
 
 
 def task_norms(gram: jax.Array) -> jax.Array:

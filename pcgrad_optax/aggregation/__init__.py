@@ -62,17 +62,29 @@ Conventions shared by the Gram weightings:
 from pcgrad_optax.aggregation._aligned_mtl import aligned_mtl
 from pcgrad_optax.aggregation._cagrad import cagrad
 from pcgrad_optax.aggregation._config import config
+from pcgrad_optax.aggregation._db_mtl import DBMTLState
+from pcgrad_optax.aggregation._db_mtl import db_mtl
 from pcgrad_optax.aggregation._dualproj import dualproj
+from pcgrad_optax.aggregation._excess_mtl import ExcessMTLState
+from pcgrad_optax.aggregation._excess_mtl import excess_mtl
 from pcgrad_optax.aggregation._graddrop import GradDropState
 from pcgrad_optax.aggregation._graddrop import graddrop
+from pcgrad_optax.aggregation._gradnorm import GradNormState
+from pcgrad_optax.aggregation._gradnorm import gradnorm
 from pcgrad_optax.aggregation._gradvac import GradVacState
 from pcgrad_optax.aggregation._gradvac import gradvac
 from pcgrad_optax.aggregation._imtl_g import imtl_g
 from pcgrad_optax.aggregation._mean import mean
 from pcgrad_optax.aggregation._mgda import mgda
+from pcgrad_optax.aggregation._moco import MoCoState
+from pcgrad_optax.aggregation._moco import moco
+from pcgrad_optax.aggregation._modo import MoDoState
+from pcgrad_optax.aggregation._modo import modo
 from pcgrad_optax.aggregation._nash_mtl import nash_mtl
 from pcgrad_optax.aggregation._pcgrad import PCGradState
 from pcgrad_optax.aggregation._pcgrad import pcgrad
+from pcgrad_optax.aggregation._sdmgrad import SDMGradState
+from pcgrad_optax.aggregation._sdmgrad import sdmgrad
 from pcgrad_optax.aggregation._sum import sum  # noqa: A004 (the method's name)
 from pcgrad_optax.aggregation._upgrad import upgrad
 # The state of the stateless Gram-based methods built with num_tasks.
@@ -86,20 +98,32 @@ from pcgrad_optax.aggregation._krum import krum
 from pcgrad_optax.aggregation._trimmed_mean import trimmed_mean
 
 __all__ = [
+    "DBMTLState",
+    "ExcessMTLState",
     "GradDropState",
+    "GradNormState",
     "GradVacState",
+    "MoCoState",
+    "MoDoState",
     "PCGradState",
+    "SDMGradState",
     "aligned_mtl",
     "cagrad",
     "config",
+    "db_mtl",
     "dualproj",
+    "excess_mtl",
     "graddrop",
+    "gradnorm",
     "gradvac",
     "imtl_g",
     "mean",
     "mgda",
+    "moco",
+    "modo",
     "nash_mtl",
     "pcgrad",
+    "sdmgrad",
     "sum",
     "upgrad",
     # Issue 12: the last step's task weights (and Gram matrix) in the state.
