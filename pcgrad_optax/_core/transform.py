@@ -1,7 +1,9 @@
 """What the optax transformations of the package share.
 
-PRNG keys in the state (:func:`canonicalize_key`), the stateless factory of
-every Gram-based method (:func:`gram_transform`), the state dtype guard
+PRNG keys in the state (:func:`canonicalize_key`), the factory of every
+Gram-based method (:func:`gram_aggregator`, with the :class:`GramStep` it
+attaches for :func:`pcgrad_optax.value_and_aggregate`; the stateless
+:func:`gram_transform`), the state dtype guard
 (:func:`cast_like`) and the docstring parts every factory repeats
 (:func:`documented` fills them in, keeping docstrings literal so that their
 examples run as doctests).
@@ -10,12 +12,14 @@ examples run as doctests).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from pcgrad_optax._core.aggregate import aggregate
+from pcgrad_optax._core.aggregate import combine_leaves, resolve
+from pcgrad_optax._core.gram import masked_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 
@@ -87,20 +91,80 @@ def documented(factory):
   return factory
 
 
+class GramStep(NamedTuple):
+  """How a Gram-based transformation turns a Gram matrix into task weights.
+
+  Every Gram-based transformation of the package is built by
+  :func:`gram_aggregator` and carries one (``tx.update.gram_step``, read
+  with :func:`gram_step_of`), so that :func:`pcgrad_optax.value_and_aggregate`
+  can compute the Gram matrix its own way and still run the method, state
+  included, exactly as ``tx.update`` does.
+
+  Attributes:
+    step: ``(gram, state) -> (weights, new_state)``; ``weights`` are the
+      method's ``(T,)`` weights for the "sum" reduction.
+    shared: the transformation's ``shared`` mask.
+    reduction: its reduction.
+    method: its name, for errors.
+  """
+  step: Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+  shared: SharedMask
+  reduction: str
+  method: str
+
+
+def check_weights(weights, t: int, method: str) -> jax.Array:
+  """The ``(T,)`` weights a weighting returned, or a ValueError."""
+  weights = jnp.asarray(weights)
+  if weights.shape != (t,):
+    raise ValueError(
+        f"{method}: the weighting returned shape {weights.shape}, expected "
+        f"({t},).")
+  return weights
+
+
+def gram_aggregator(init_fn, step, *, shared: SharedMask, reduction: str,
+                    method: str) -> optax.GradientTransformationExtraArgs:
+  """A transformation running ``step`` on the Gram matrix of the gradients.
+
+  ``step(gram, state) -> (weights, new_state)``; shared leaves get
+  ``sum_t w_t g_t``, the others their plain sum (``reduction`` applies to
+  both). The :class:`GramStep` is attached to ``update`` (see
+  :func:`gram_step_of`).
+  """
+  check_reduction(reduction)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    leaves, treedef, mask, t = resolve(updates, params, shared, None, method)
+    gram = masked_gram(leaves, mask, t)
+    weights, new_state = step(gram, state)
+    weights = check_weights(weights, t, method)
+    out = combine_leaves(leaves, mask, weights, reduction)
+    return jax.tree.unflatten(treedef, out), new_state
+
+  update_fn.gram_step = GramStep(step, shared, reduction, method)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def gram_step_of(tx) -> GramStep | None:
+  """The :class:`GramStep` of a Gram-based transformation, else None."""
+  step = getattr(getattr(tx, "update", None), "gram_step", None)
+  return step if isinstance(step, GramStep) else None
+
+
 def gram_transform(weighting: Callable[[jax.Array], jax.Array], *,
-                   reduction: str, shared: SharedMask
+                   reduction: str, shared: SharedMask,
+                   method: str = "gram_transform"
                    ) -> optax.GradientTransformationExtraArgs:
   """A stateless transformation applying ``weighting`` to the Gram matrix."""
-  check_reduction(reduction)
 
   def init_fn(params):
     del params
     return optax.EmptyState()
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    combined, _, _ = aggregate(updates, weighting, params=params,
-                                     shared=shared, reduction=reduction)
-    return combined, state
+  def step(gram, state):
+    return weighting(gram), state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return gram_aggregator(init_fn, step, shared=shared, reduction=reduction,
+                         method=method)

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from pcgrad_optax._core.aggregate import aggregate
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.mesh import vary_like
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import canonicalize_key, documented
+from pcgrad_optax._core.transform import (canonicalize_key, documented,
+                                          gram_aggregator)
 
 
 def random_orders(key: jax.Array, num_tasks: int) -> jax.Array:
@@ -208,13 +208,10 @@ def pcgrad(key: jax.Array | int = 0, *, reduction: str = "sum",
     return PCGradState(key=canonicalize_key(key),
                        count=jnp.zeros([], jnp.int32))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def step(gram, state):
     step_key = jax.random.fold_in(state.key, state.count)
-    combined, _, _ = aggregate(
-        updates, lambda gram: pcgrad_weighting(gram, key=step_key),
-        params=params, shared=shared, reduction=reduction)
-    return combined, PCGradState(state.key,
-                                 optax.safe_increment(state.count))
+    return pcgrad_weighting(gram, key=step_key), PCGradState(
+        state.key, optax.safe_increment(state.count))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return gram_aggregator(init_fn, step, shared=shared, reduction=reduction,
+                         method="pcgrad")
