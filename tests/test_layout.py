@@ -31,7 +31,8 @@ PUBLIC = {
         "famo", "graddrop", "gradvac", "gram_matrix", "imtl_g", "mean",
         "memory", "mgda", "multi_steps", "nash_mtl", "pcgrad", "recon", "rlw",
         "sharding", "sum", "task_value_and_grad", "uncertainty", "upgrad",
-        "weighted_sum", "weighting"],
+        "weighted_sum", "weighting",
+        "value_and_aggregate"],
     "pcgrad_optax.weighting": [
         "aligned_mtl", "cagrad", "check_gram", "config", "dualproj", "dwa",
         "famo", "gradvac", "imtl_g", "mean", "mgda", "nash_mtl", "pcgrad",
