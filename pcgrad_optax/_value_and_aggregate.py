@@ -186,9 +186,11 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
       return loss_fn(*full)
 
     use_gram = engine == "gram"
+    traced = None
+    if engine in ("auto", "gram") and hook is not None:
+      traced = _trace(partial_fn, leaves)
+      dense = taps.find_dense_uses(traced[0].jaxpr, len(leaves))
     if engine == "auto" and hook is not None:
-      closed, out_tree = _trace(partial_fn, leaves)
-      dense = taps.find_dense_uses(closed.jaxpr, len(leaves))
       shared_size = sum(x.size for x, m in zip(leaves, mask) if m)
       dense_size = sum(x.size for x, m, u in zip(leaves, mask, dense)
                        if m and u is not None)
@@ -196,7 +198,7 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
           dense_size >= AUTO_DENSE_FRACTION * shared_size)
     if use_gram:
       out, flat_update, state = _gram_engine(
-          partial_fn, leaves, mask, hook, reduction, state, has_aux)
+          traced, dense, leaves, mask, hook, reduction, state, has_aux)
     elif hook is not None:
       out, flat_update, state = _stacked_gram(
           partial_fn, leaves, mask, hook, reduction, state, has_aux)
@@ -268,10 +270,10 @@ def _stacked_gram(partial_fn, leaves, mask, hook, reduction, state,
   return out, combine_leaves(grads, mask, weights, reduction), state
 
 
-def _gram_engine(partial_fn, leaves, mask, hook, reduction, state, has_aux):
+def _gram_engine(traced, dense, leaves, mask, hook, reduction, state,
+                 has_aux):
   """Per-layer Gram matrix from activations and task cotangents."""
-  closed, out_tree = _trace(partial_fn, leaves)
-  dense = taps.find_dense_uses(closed.jaxpr, len(leaves))
+  closed, out_tree = traced
   fallback = [n for n, u in enumerate(dense) if u is None]
   f = taps.tapped_fn(closed, len(leaves), dense, leaves)
 
