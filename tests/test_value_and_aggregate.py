@@ -26,8 +26,9 @@ T = 3
 RNG = np.random.default_rng(0)
 
 
-def normal(*shape, scale=1.0):
-  return jnp.asarray(RNG.standard_normal(shape) * scale, jnp.float32)
+def normal(*shape, scale=1.0, rng=None):
+  rng = RNG if rng is None else rng
+  return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
 
 
 # --- models -----------------------------------------------------------------
@@ -139,15 +140,15 @@ AGGREGATORS = {"pcgrad": lambda **kw: po.pcgrad(key=3, **kw),
 
 
 def check_engines(loss_fn, params, mask, batch, aggregators=AGGREGATORS,
-                  engines=("stacked", "gram", "auto"), **tol):
+                  engines=("stacked", "gram", "auto"), lr=0.1, **tol):
   for name, factory in aggregators.items():
     ref_agg = factory(shared=mask)
     want = run_steps(reference_step(loss_fn, ref_agg), params,
-                     ref_agg.init(params), batch)
+                     ref_agg.init(params), batch, lr=lr)
     for engine in engines:
       agg = factory()
       step = po.value_and_aggregate(loss_fn, agg, engine=engine, shared=mask)
-      got = run_steps(step, params, agg.init(params), batch)
+      got = run_steps(step, params, agg.init(params), batch, lr=lr)
       try:
         assert_same_run(got, want, **tol)
       except AssertionError as e:
@@ -200,9 +201,10 @@ def test_mask_given_to_the_aggregator():
 
 def test_linen_cnn_convolutions_fall_back():
   model = CNN()
-  x = normal(4, 8, 8, 2)
+  rng = np.random.default_rng(3)   # its own data, whatever ran before
+  x = normal(4, 8, 8, 2, rng=rng)
   params = model.init(jax.random.key(0), x)
-  batch = (x, normal(4, T))
+  batch = (x, normal(4, T, rng=rng))
   loss_fn = linen_losses(model)
   dense = dense_leaves(loss_fn, params, batch)
   assert dense == {"['params']['trunk_dense']['kernel']",
@@ -212,9 +214,10 @@ def test_linen_cnn_convolutions_fall_back():
 
 def test_linen_transformer_block():
   model = Block()
-  tokens = jnp.asarray(RNG.integers(0, 11, (2, 5)))
+  rng = np.random.default_rng(7)   # its own data, whatever ran before
+  tokens = jnp.asarray(rng.integers(0, 11, (2, 5)))
   params = model.init(jax.random.key(1), tokens)
-  batch = (tokens, normal(2, T))
+  batch = (tokens, jnp.asarray(rng.standard_normal((2, T)), jnp.float32))
   loss_fn = linen_losses(model)
   dense = dense_leaves(loss_fn, params, batch)
   attention = {f"['params']['MultiHeadDotProductAttention_0']['{n}']"
@@ -222,7 +225,10 @@ def test_linen_transformer_block():
   assert attention <= dense
   assert not any("Embed" in d or "LayerNorm" in d or "bias" in d
                  for d in dense)
-  check_engines(loss_fn, params, head_mask, batch, engines=("gram",))
+  # A small step: at lr=0.1 the block diverges (updates ~1e8) and the two
+  # engines' rounding differences grow with it.
+  check_engines(loss_fn, params, head_mask, batch, engines=("gram",),
+                lr=0.01)
 
 
 def test_nnx_state():
@@ -233,8 +239,9 @@ def test_nnx_state():
     model = nnx.merge(graphdef, p)
     return jnp.mean((model(tokens) - y) ** 2, axis=0)
 
-  tokens = jnp.asarray(RNG.integers(0, 9, (3, 4)))
-  batch = (tokens, normal(3, T))
+  rng = np.random.default_rng(4)
+  tokens = jnp.asarray(rng.integers(0, 9, (3, 4)))
+  batch = (tokens, normal(3, T, rng=rng))
   mask = {"embed": True, "trunk": True, "norm": True, "head": False}
   check_engines(loss_fn, params, mask, batch, engines=("gram",))
   agg = po.pcgrad()
