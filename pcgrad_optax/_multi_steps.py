@@ -10,7 +10,10 @@ import optax
 
 # A module import: multi_steps has an argument named num_tasks.
 from pcgrad_optax._core import stacked
+from pcgrad_optax._core.checks import (check_num_tasks, init_num_tasks,
+                                       static_int)
 from pcgrad_optax._core.stacked import PyTree
+from pcgrad_optax._core.transform import Aggregator
 
 
 class MultiStepsState(NamedTuple):
@@ -20,14 +23,18 @@ class MultiStepsState(NamedTuple):
     mini_step: micro-batches accumulated since the last real step.
     acc_grads: running mean of the stacked gradients of those micro-batches.
     inner_state: state of the wrapped transformation.
+    ready: whether the last update was a real step (bool). It is the flag
+      ``optax.experimental.aggregating.process`` reads, so an optimizer
+      after this aggregator (and its state) only moves on real steps.
   """
   mini_step: jax.Array
   acc_grads: PyTree
   inner_state: Any
+  ready: jax.Array
 
 
 def multi_steps(inner: optax.GradientTransformation, every_k: int, *,
-                num_tasks: int) -> optax.GradientTransformationExtraArgs:
+                num_tasks: int) -> Aggregator:
   r"""Accumulates stacked per-task gradients over micro-batches.
 
   The stacked-gradient counterpart of ``optax.MultiSteps``: for ``k - 1``
@@ -49,9 +56,14 @@ def multi_steps(inner: optax.GradientTransformation, every_k: int, *,
     num_tasks: T, the size of the stacked gradients' task axis (the
       accumulator is allocated at ``init``, where only params are seen).
 
+  Inside ``optax.experimental.aggregating.process(pre, multi_steps(agg,
+  k, num_tasks=T), post)`` the state's ``ready`` flag keeps ``post`` (e.g.
+  Adam) and its state still on the accumulation steps, as with optax's own
+  accumulating aggregators.
+
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a
-    :class:`MultiStepsState`.
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`MultiStepsState`.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -69,20 +81,19 @@ def multi_steps(inner: optax.GradientTransformation, every_k: int, *,
     >>> u["w"]
     Array([-0.1, -0.1], dtype=float32)
   """
-  if not isinstance(every_k, int) or every_k < 1:
-    raise ValueError(f"every_k must be a positive int, got {every_k!r}.")
-  if not isinstance(num_tasks, int) or num_tasks < 1:
-    raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}.")
+  static_int(every_k, "every_k")   # a traced every_k is used as an array
+  expected = check_num_tasks(num_tasks)   # None when traced
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    t = init_num_tasks(expected, "multi_steps")
     # broadcast_to keeps the params' sharding on the stacked accumulator.
     acc = jax.tree.map(
-        lambda p: jnp.broadcast_to(jnp.zeros_like(p),
-                                   (num_tasks,) + jnp.shape(p)),
+        lambda p: jnp.broadcast_to(jnp.zeros_like(p), (t,) + jnp.shape(p)),
         params)
     return MultiStepsState(mini_step=jnp.zeros([], jnp.int32), acc_grads=acc,
-                           inner_state=inner.init(params))
+                           inner_state=inner.init(params),
+                           ready=jnp.zeros([], bool))
 
   def update_fn(updates, state, params=None, **extra_args):
     stacked.num_tasks(updates, None)
@@ -94,7 +105,7 @@ def multi_steps(inner: optax.GradientTransformation, every_k: int, *,
     if acc_def != grad_def:
       raise ValueError(
           "multi_steps: the stacked gradients do not match the accumulator "
-          f"allocated at init for num_tasks={num_tasks}: {grad_def} vs "
+          f"allocated at init: {grad_def} vs "
           f"{acc_def}.")
     for (path, a), g in zip(acc_leaves, jax.tree.leaves(updates)):
       if a.shape != g.shape:
@@ -102,7 +113,7 @@ def multi_steps(inner: optax.GradientTransformation, every_k: int, *,
             "multi_steps: stacked gradient leaf "
             f"'{stacked.leaf_name(path)}' has shape {g.shape}, expected the "
             f"accumulator shape {a.shape} "
-            f"(num_tasks={num_tasks}).")
+            f"(num_tasks={a.shape[0]}).")
     acc = jax.tree.map(
         lambda a, g: a + (g.astype(a.dtype) - a) / (state.mini_step + 1),
         state.acc_grads, updates)
@@ -125,6 +136,7 @@ def multi_steps(inner: optax.GradientTransformation, every_k: int, *,
 
     out, inner_state, acc, mini = jax.lax.cond(is_last, real_step, mini_step,
                                                None)
-    return out, MultiStepsState(mini, acc, inner_state)
+    return out, MultiStepsState(mini, acc, inner_state,
+                                jnp.asarray(is_last, bool))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

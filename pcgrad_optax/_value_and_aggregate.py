@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,7 +16,8 @@ from pcgrad_optax._core.aggregate import combine_leaves
 from pcgrad_optax._core.mesh import vary_like
 from pcgrad_optax._core.stacked import (check_reduction,
                                         leaves_accumulation_dtype)
-from pcgrad_optax._core.transform import check_weights, gram_step_of
+from pcgrad_optax._core.transform import (GramProbe, GramStep, check_weights,
+                                          gram_step_of)
 from pcgrad_optax._core.weighted_sum import leaf_weighted_sum
 from pcgrad_optax._task_value_and_grad import (check_task_losses,
                                                losses_and_vjp)
@@ -77,7 +79,27 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
     else ``"stacked"``.
 
   Both engines give the same update (up to float rounding: the Gram
-  matrix is summed in another order) and the same state.
+  matrix is summed in another order) and the same state: the method's own
+  ``(gram, state) -> (weights, new_state)`` step runs on either Gram matrix,
+  so PCGrad's key and count and the ``weights`` (and, with ``keep_gram``,
+  ``gram``) recorded with ``num_tasks=`` are updated as ``aggregator.update``
+  updates them.
+
+  The Gram-based method is reached through ``aggregator.update`` itself
+  (see :class:`pcgrad_optax._core.transform.GramProbe`), so
+  ``optax.inject_hyperparams(pcgrad_optax.upgrad)(...)`` works on both
+  engines, with the step's injected (or scheduled) hyperparameters and its
+  ``InjectHyperparamsState``. Wrappers that transform ``updates`` (an
+  ``optax.chain`` with the optimizer inside) hide the method: ``"auto"``
+  then takes the stacked engine and ``"gram"`` raises; chain the optimizer
+  after this step instead.
+
+  Flax NNX: give the state, not the module. ``graphdef, params, rest =
+  nnx.split(model, nnx.Param, ...)``, a ``loss_fn(params, *batch)`` calling
+  ``nnx.merge(graphdef, params, rest)(...)``, and ``nnx.update(model,
+  optax.apply_updates(params, updates))`` after the optimizer step (an
+  ``nnx.Module`` as ``params`` raises ``ValueError``; state changes of the
+  forward pass such as batch statistics are not written back).
 
   Args:
     loss_fn: ``loss_fn(params, *batch)`` returning the ``(T,)`` task losses
@@ -86,7 +108,8 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
       (``nnx.merge(graphdef, params)(x)`` with ``params`` an
       ``nnx.State``) all work.
     aggregator: a transformation of the package (``pcgrad_optax.pcgrad()``,
-      ``pcgrad_optax.upgrad()``, ...).
+      ``pcgrad_optax.upgrad()``, ...), possibly wrapped in
+      ``optax.inject_hyperparams``.
     engine: ``"auto"``, ``"stacked"`` or ``"gram"`` (see above).
     shared: which leaves are shared parameters, as the transformations'
       ``shared=`` (a pytree of bools, a prefix, a callable, key paths for an
@@ -138,25 +161,8 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
         f"with init and update (e.g. pcgrad_optax.pcgrad()), got "
         f"{type(aggregator).__name__}.")
   hook = gram_step_of(aggregator)
-  if engine == "gram" and hook is None:
-    raise ValueError(
-        "value_and_aggregate: engine='gram' needs a Gram-based aggregator "
-        "(its weights a function of the Gram matrix: pcgrad, mgda, upgrad, "
-        "cagrad, ...); this one is not (graddrop, gradvac and the "
-        "loss-based methods need engine='stacked' or 'auto').")
-  if shared is not None:
-    if hook is None:
-      raise ValueError(
-          "value_and_aggregate: shared= applies to Gram-based aggregators; "
-          "give this aggregator its own shared= instead.")
-    if hook.shared is not None:
-      raise ValueError(
-          f"value_and_aggregate: both value_and_aggregate and {hook.method} "
-          "were given a shared mask; give it once.")
-  mask_spec = shared if shared is not None else (
-      hook.shared if hook is not None else None)
-  reduction = hook.reduction if hook is not None else "sum"
-  check_reduction(reduction)
+  if hook is not None:
+    _check_shared(hook, shared)
   single = isinstance(argnums, int)
   argnums_t = (argnums,) if single else tuple(argnums)
 
@@ -168,6 +174,7 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
             f"value_and_aggregate: argnums={argnums} but loss_fn gets "
             f"{len(args)} positional arguments (params and the batch).")
     primals = args[argnums] if single else tuple(args[a] for a in argnums_t)
+    _check_not_nnx_module(primals)
     leaves, treedef = jax.tree.flatten(primals)
     for path, leaf in jax.tree_util.tree_flatten_with_path(primals)[0]:
       if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
@@ -175,8 +182,6 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
             "value_and_aggregate: every differentiated leaf must be floating "
             f"point; leaf '{jax.tree_util.keystr(path)}' is "
             f"{jnp.result_type(leaf)}.")
-    mask = (shared_leaves(mask_spec, primals, primals) if hook is not None
-            else None)
 
     def partial_fn(flat):
       full = list(args)
@@ -185,33 +190,101 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
         full[a] = v
       return loss_fn(*full)
 
-    use_gram = engine == "gram"
-    traced = None
-    if engine in ("auto", "gram") and hook is not None:
-      traced = _trace(partial_fn, leaves)
-      dense = taps.find_dense_uses(traced[0].jaxpr, len(leaves))
-    if engine == "auto" and hook is not None:
-      shared_size = sum(x.size for x, m in zip(leaves, mask) if m)
-      dense_size = sum(x.size for x, m, u in zip(leaves, mask, dense)
-                       if m and u is not None)
-      use_gram = shared_size > 0 and (
-          dense_size >= AUTO_DENSE_FRACTION * shared_size)
-    if use_gram:
-      out, flat_update, state = _gram_engine(
-          traced, dense, leaves, mask, hook, reduction, state, has_aux)
-    elif hook is not None:
-      out, flat_update, state = _stacked_gram(
-          partial_fn, leaves, mask, hook, reduction, state, has_aux)
-    else:
+    found = hook if hook is not None else _query_hook(aggregator, state,
+                                                      primals)
+    if found is None:
+      if engine == "gram":
+        raise ValueError(
+            "value_and_aggregate: engine='gram' needs a Gram-based "
+            "aggregator (its weights a function of the Gram matrix: pcgrad, "
+            "mgda, upgrad, cagrad, ...), bare or wrapped in "
+            "optax.inject_hyperparams; this one is not (graddrop, gradvac "
+            "and the loss-based methods need engine='stacked' or 'auto'), "
+            "or it is hidden behind a wrapper that does not pass updates "
+            "and state through untouched (optax.chain, ...: chain the "
+            "optimizer after value_and_aggregate instead).")
+      if shared is not None:
+        raise ValueError(
+            "value_and_aggregate: shared= applies to Gram-based aggregators; "
+            "give this aggregator its own shared= instead.")
       out, grads = _stacked(partial_fn, leaves, has_aux)
       stacked = jax.tree.unflatten(treedef, grads)
       losses = out[0] if has_aux else out
       update, state = aggregator.update(stacked, state, primals,
                                         losses=losses)
       return out, update, state
+    if hook is None:
+      _check_shared(found, shared)
+
+    def run(gram_step, inner_state):
+      # Called by the aggregator's own update (through any wrapper such as
+      # optax.inject_hyperparams) with the GramStep it was built with.
+      mask_spec = shared if shared is not None else gram_step.shared
+      reduction = gram_step.reduction
+      check_reduction(reduction)
+      mask = shared_leaves(mask_spec, primals, primals)
+      use_gram = engine == "gram"
+      traced = dense = None
+      if engine in ("auto", "gram"):
+        traced = _trace(partial_fn, leaves)
+        dense = taps.find_dense_uses(traced[0].jaxpr, len(leaves))
+      if engine == "auto":
+        shared_size = sum(x.size for x, m in zip(leaves, mask) if m)
+        dense_size = sum(x.size for x, m, u in zip(leaves, mask, dense)
+                         if m and u is not None)
+        use_gram = shared_size > 0 and (
+            dense_size >= AUTO_DENSE_FRACTION * shared_size)
+      if use_gram:
+        out, flat_update, new_state = _gram_engine(
+            traced, dense, leaves, mask, gram_step, reduction, inner_state,
+            has_aux)
+      else:
+        out, flat_update, new_state = _stacked_gram(
+            partial_fn, leaves, mask, gram_step, reduction, inner_state,
+            has_aux)
+      return (out, flat_update), new_state
+
+    (out, flat_update), state = aggregator.update(GramProbe(run), state,
+                                                  primals)
     return out, jax.tree.unflatten(treedef, flat_update), state
 
   return step
+
+
+def _check_shared(hook: GramStep, shared) -> None:
+  if shared is not None and hook.shared is not None:
+    raise ValueError(
+        f"value_and_aggregate: both value_and_aggregate and {hook.method} "
+        "were given a shared mask; give it once.")
+
+
+def _check_not_nnx_module(primals) -> None:
+  nnx = sys.modules.get("flax.nnx")
+  if nnx is None:
+    return
+  is_module = lambda x: isinstance(x, nnx.Module)
+  if any(map(is_module, jax.tree.leaves(primals, is_leaf=is_module))):
+    raise ValueError(
+        "value_and_aggregate: params holds an nnx.Module (or another NNX "
+        "graph node); pass its state instead: graphdef, params, rest = "
+        "nnx.split(model, nnx.Param, ...) and a loss_fn(params, *batch) "
+        "that calls nnx.merge(graphdef, params, rest)(...); then "
+        "nnx.update(model, new_params) after the optimizer step.")
+
+
+def _query_hook(aggregator, state, params) -> GramStep | None:
+  """The GramStep an aggregator answers a :class:`GramProbe` with, or None.
+
+  Reaches Gram-based transformations through wrappers that rebuild them at
+  every update (``optax.inject_hyperparams``); any other aggregator fails on
+  the probe or returns something else, and is not Gram-based here.
+  """
+  try:
+    found, _ = aggregator.update(GramProbe(lambda h, s: (h, s)), state,
+                                 params)
+  except Exception:   # noqa: BLE001 - any failure: not Gram-based
+    return None
+  return found if isinstance(found, GramStep) else None
 
 
 def _trace(partial_fn, leaves):

@@ -11,10 +11,23 @@ gradients), cheap enough to log every step:
   :math:`S < 0`);
 * :func:`magnitude_similarity` -- PCGrad's gradient-magnitude similarity
   :math:`2\\|g_i\\|\\|g_j\\| / (\\|g_i\\|^2 + \\|g_j\\|^2)`;
-* :func:`summary` -- all of the above as a dict of arrays for a logger.
+* :func:`summary` -- all of the above as a dict of arrays for a logger;
+* :func:`task_weights`, :func:`last_gram`, :func:`from_state` -- the last
+  step's task weights and Gram matrix as the transformations keep them in
+  their state (and the summary of that Gram matrix).
 
-Getting the Gram matrix inside a jitted step: build it from the same stacked
-gradients and the same ``shared`` mask the transformation uses, with
+The cheapest way to log: build the transformation with ``num_tasks`` (and
+``keep_gram=True`` for the Gram matrix); its state then holds what the step
+computed anyway, with no extra pass over the gradients::
+
+  tx = optax.chain(pcgrad_optax.upgrad(num_tasks=T, keep_gram=True),
+                   optax.adam(1e-3))
+  ...
+  updates, opt_state = tx.update(grads, opt_state, params)
+  logs = pcgrad_optax.diagnostics.from_state(opt_state)  # weights, cosines..
+
+Or build the Gram matrix from the same stacked gradients and the same
+``shared`` mask the transformation uses, with
 :func:`pcgrad_optax.gram_matrix` (one extra pass over the shared leaves)::
 
   @jax.jit
@@ -31,18 +44,29 @@ Zero gradients: a task whose gradient is zero has cosine 0 with every task
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+from optax import tree_utils as otu
 
 from pcgrad_optax._core.gram import check_gram
 
 __all__ = [
     "conflict_fraction",
     "cosine_similarities",
+    "from_state",
+    "last_gram",
     "magnitude_similarity",
     "summary",
     "task_norms",
+    "task_weights",
 ]
+
+# The package's state types that record the last step's weights (and Gram).
+_RECORDING_STATES = frozenset({
+    "GramState", "PCGradState", "GradVacState", "RLWState", "DWAState",
+    "FAMOState", "UncertaintyState"})
 
 
 def task_norms(gram: jax.Array) -> jax.Array:
@@ -251,3 +275,116 @@ def summary(gram: jax.Array, *, threshold: float = -0.01
       "conflict_fraction": conflict_fraction(gram, 0.0),
       "conflict_fraction_below_threshold": conflict_fraction(gram, threshold),
   }
+
+
+def _recorded(opt_state: Any, field: str, required: bool):
+  """The one ``field`` of the package's states in ``opt_state`` (or None)."""
+  found = [
+      value for path, value in otu.tree_get_all_with_path(opt_state, field)
+      if value is not None and isinstance(path[-1], otu.NamedTupleKey)
+      and path[-1].tuple_name in _RECORDING_STATES]
+  if len(found) > 1:
+    raise ValueError(
+        f"The optimizer state holds {len(found)} '{field}' records (several "
+        "pcgrad_optax transformations); pick one with "
+        "optax.tree_utils.tree_get_all_with_path.")
+  if not found:
+    if not required:
+      return None
+    hint = ("build the transformation with num_tasks=T" if field == "weights"
+            else "build the transformation with num_tasks=T, keep_gram=True")
+    raise ValueError(
+        f"The optimizer state holds no '{field}' of a pcgrad_optax "
+        f"transformation: {hint} (init only sees the params, so the record's "
+        "shape must be known up front).")
+  return found[0]
+
+
+def task_weights(opt_state: Any) -> jax.Array:
+  r"""The last step's task weights, as a transformation keeps them.
+
+  Finds the ``weights`` field of the (one) pcgrad_optax transformation in
+  ``opt_state``, e.g. the state of ``optax.chain(pcgrad_optax.mgda(
+  num_tasks=T), optax.adam(1e-3))``: the ``(T,)`` weights applied to the
+  shared leaves at the last update (GradVac: ``(G, T)``, one row per
+  parameter group); zeros before the first update.
+
+  Args:
+    opt_state: an optimizer state holding one pcgrad_optax transformation's
+      state, built with ``num_tasks``.
+
+  Returns:
+    The weights array.
+
+  Raises:
+    ValueError: if no transformation in ``opt_state`` records weights (it
+      was built without ``num_tasks``), or several do.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np, optax
+    >>> import pcgrad_optax
+    >>> tx = optax.chain(pcgrad_optax.mgda(num_tasks=2), optax.sgd(0.1))
+    >>> params = {"w": jnp.zeros(2)}
+    >>> grads = {"w": jnp.array([[1., 0.], [0., 2.]])}
+    >>> _, state = tx.update(grads, tx.init(params), params)
+    >>> w = pcgrad_optax.diagnostics.task_weights(state)
+    >>> print(np.round(np.asarray(w, np.float64), 4))
+    [0.8 0.2]
+  """
+  return _recorded(opt_state, "weights", required=True)
+
+
+def last_gram(opt_state: Any) -> jax.Array:
+  """The last step's Gram matrix, kept by a transformation with keep_gram.
+
+  Args:
+    opt_state: an optimizer state holding one pcgrad_optax transformation's
+      state, built with ``num_tasks`` and ``keep_gram=True``.
+
+  Returns:
+    The ``(T, T)`` Gram matrix of the shared leaves at the last update
+    (GradVac: ``(G, T, T)``); zeros before the first update.
+
+  Raises:
+    ValueError: if no transformation in ``opt_state`` keeps the Gram matrix,
+      or several do.
+  """
+  return _recorded(opt_state, "gram", required=True)
+
+
+def from_state(opt_state: Any, *, threshold: float = -0.01
+               ) -> dict[str, jax.Array]:
+  r"""What to log from an optimizer state: weights, and the Gram summary.
+
+  ``{"weights": task_weights(opt_state)}``, plus every entry of
+  :func:`summary` of the kept Gram matrix when the transformation was built
+  with ``keep_gram=True`` (GradVac: only with one parameter group). Nothing
+  touches the gradients: the values are those the last update computed.
+  Jit-able.
+
+  Args:
+    opt_state: an optimizer state holding one pcgrad_optax transformation's
+      state, built with ``num_tasks``.
+    threshold: as for :func:`summary`.
+
+  Returns:
+    Dict from names to arrays.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import pcgrad_optax
+    >>> tx = pcgrad_optax.upgrad(num_tasks=2, keep_gram=True)
+    >>> params = {"w": jnp.zeros(2)}
+    >>> grads = {"w": jnp.array([[1., 0.], [-1., 1.]])}
+    >>> _, state = tx.update(grads, tx.init(params), params)
+    >>> logs = pcgrad_optax.diagnostics.from_state(state)
+    >>> print(jnp.round(logs["weights"], 4), f"{logs['min_cosine']:.3f}")
+    [1.   0.75] -0.707
+  """
+  out = {"weights": task_weights(opt_state)}
+  gram = _recorded(opt_state, "gram", required=False)
+  if gram is not None and gram.ndim == 3 and gram.shape[0] == 1:
+    gram = gram[0]   # GradVac with one group
+  if gram is not None and gram.ndim == 2:
+    out.update(summary(gram, threshold=threshold))
+  return out

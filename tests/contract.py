@@ -11,11 +11,23 @@ Use it from a test module:
       check(spec)
 
 A transform factory must accept ``shared=`` and ``reduction=`` keywords.
+
+The last checks are optax's own (``optax/_src/alias_test.py``), run on the
+package's factory itself (``Spec.factory``, with ``num_tasks`` and
+``keep_gram=True`` where it takes them): it is an
+``optax.experimental.aggregating.Aggregator`` and works inside
+``aggregating.process``; it can be wrapped in ``optax.inject_hyperparams``;
+updates keep the gradients' dtype (bf16, f16, f32, and f64 under x64); the
+state's shapes, dtypes and shardings are unchanged by an update, also through
+``lax.cond``; nothing compiles on the second ``update`` call; unexpected
+extra arguments are accepted and ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from optax.experimental import aggregating
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +46,9 @@ class Spec:
   Attributes:
     name: test id.
     make: factory ``(**kwargs) -> GradientTransformation``; must accept
-      ``shared`` and ``reduction``.
+      ``shared`` and ``reduction``. Either the package's factory itself, or a
+      wrapper with attributes ``factory`` (the package's factory) and
+      ``kwargs`` (the fixed arguments it adds), which the optax checks use.
     extra_args: ``T -> dict`` of extra keyword args for ``update`` (e.g.
       ``losses``).
     identity_at_t1: whether a single task's gradient passes unchanged.
@@ -42,6 +57,23 @@ class Spec:
   make: Callable[..., optax.GradientTransformation]
   extra_args: Callable[[int], dict[str, Any]] = lambda t: {}
   identity_at_t1: bool = True
+
+  @property
+  def factory(self) -> Callable[..., optax.GradientTransformation]:
+    """The package's own factory (what ``inject_hyperparams`` wraps)."""
+    factory = getattr(self.make, "factory", self.make)
+    params = inspect.signature(factory).parameters.values()
+    if all(p.kind == p.VAR_KEYWORD for p in params):
+      raise AssertionError(
+          f"Spec {self.name!r}: make must be the package's factory (or carry "
+          "`factory`/`kwargs` attributes) so that the optax checks can wrap "
+          "it in optax.inject_hyperparams.")
+    return factory
+
+  @property
+  def kwargs(self) -> dict[str, Any]:
+    """The fixed keyword arguments the Spec gives its factory."""
+    return dict(getattr(self.make, "kwargs", {}))
 
 
 def params_like():
@@ -198,6 +230,198 @@ def check_chain_and_scan(spec: Spec):
     assert np.all(np.isfinite(leaf))
 
 
+# --- optax's own checks (optax/_src/alias_test.py) -------------------------
+
+OPTAX_T = 3
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float64)
+
+
+def optax_kwargs(spec: Spec, t: int = OPTAX_T, **overrides) -> dict:
+  """The Spec's factory arguments, with num_tasks=T and keep_gram=True."""
+  names = inspect.signature(spec.factory).parameters
+  kwargs = spec.kwargs
+  if "num_tasks" in names:
+    kwargs["num_tasks"] = t
+  if "keep_gram" in names:
+    kwargs["keep_gram"] = True
+  return kwargs | overrides
+
+
+def _x64(dtype):
+  # float64 needs x64, switched on for this block only (never leaks).
+  if dtype == jnp.float64:
+    return jax.enable_x64(True)
+  return contextlib.nullcontext()
+
+
+def _layout(tree):
+  return [(jnp.shape(x), jnp.result_type(x), getattr(x, "weak_type", False),
+           getattr(x, "sharding", None)) for x in jax.tree.leaves(tree)]
+
+
+def _assert_trees_equal(a, b, rtol=0.0, atol=0.0):
+  a = optax.tree_utils.tree_unwrap_random_key_data(a)
+  b = optax.tree_utils.tree_unwrap_random_key_data(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(np.asarray(x, np.float64),
+                               np.asarray(y, np.float64), rtol=rtol,
+                               atol=atol)
+
+
+@contextlib.contextmanager
+def count_compilations():
+  """A list that grows by one per XLA compilation inside the block."""
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def check_is_aggregator_in_process(spec: Spec):
+  """An ``Aggregator``; in ``process`` it equals the manual pipeline."""
+  tx = spec.factory(**optax_kwargs(spec))
+  assert isinstance(tx, aggregating.Aggregator), type(tx)
+  assert isinstance(tx, optax.GradientTransformationExtraArgs)
+  radius = 1.5
+
+  def clip(stacked):   # per task: each task's gradient into an l2 ball
+    return jax.vmap(
+        lambda g: optax.projections.projection_l2_ball(g, radius))(stacked)
+
+  pre = optax.with_extra_args_support(
+      optax.stateless(lambda g, params: clip(g)))
+  post = optax.adam(1e-2)
+  pipeline = aggregating.process(pre, tx, post)
+  params = params_like()
+  state = pipeline.init(params)
+  agg_state, post_state = tx.init(params), post.init(params)
+  step = jax.jit(lambda g, s: _update(spec, pipeline, g, s, params))
+  for seed in range(2):
+    grads = jax.tree.map(lambda x: 3.0 * x, stacked_grads(OPTAX_T, seed))
+    out, state = step(grads, state)
+    agg, agg_state = _update(spec, tx, clip(grads), agg_state, params)
+    ref, post_state = post.update(agg, post_state, params)
+    _assert_trees_equal(out, ref, rtol=1e-4, atol=1e-6)
+    _assert_trees_equal(state[1], agg_state, rtol=1e-4, atol=1e-6)
+
+
+def check_inject_hyperparams(spec: Spec):
+  """Wrapped in ``inject_hyperparams``: the same updates and inner states."""
+  kwargs = optax_kwargs(spec)
+  plain = spec.factory(**kwargs)
+  static = [n for n in ("num_tasks",) if n in kwargs]
+  injected = optax.inject_hyperparams(spec.factory, static_args=static)(
+      **kwargs)
+  params = params_like()
+  for variant in (lambda f: f, jax.jit):
+    state, state_inject = (variant(plain.init)(params),
+                           variant(injected.init)(params))
+    for seed in range(2):
+      grads = stacked_grads(OPTAX_T, seed)
+      out, state = variant(lambda g, s: _update(spec, plain, g, s, params))(
+          grads, state)
+      out_inject, state_inject = variant(
+          lambda g, s: _update(spec, injected, g, s, params))(
+              grads, state_inject)
+      _assert_trees_equal(out_inject, out, rtol=1e-4, atol=1e-6)
+      _assert_trees_equal(state_inject.inner_state, state, rtol=1e-4,
+                          atol=1e-6)
+  # num_tasks injected as a hyperparameter too (not static): init outside
+  # jit, update under jit.
+  injected = optax.inject_hyperparams(spec.factory)(**kwargs)
+  state = injected.init(params)
+  out, _ = jax.jit(lambda g, s: _update(spec, injected, g, s, params))(
+      stacked_grads(OPTAX_T), state)
+  ref, _ = _update(spec, plain, stacked_grads(OPTAX_T), plain.init(params),
+                   params)
+  _assert_trees_equal(out, ref, rtol=1e-4, atol=1e-6)
+
+
+def check_dtype_and_state_stability(spec: Spec):
+  """Updates keep the gradients' dtype; the state keeps its layout.
+
+  For bf16, f16, f32 and f64 (x64) params and gradients, with and without
+  ``inject_hyperparams``: two jitted steps through ``lax.cond`` (as optax's
+  ``test_state_shape_dtype_shard_stability``), every update leaf in its
+  gradient's dtype and finite, the state's shapes, dtypes, weak types and
+  shardings those of ``init``.
+  """
+  for dtype in DTYPES:
+    with _x64(dtype):
+      params = jax.tree.map(lambda p: p.astype(dtype), params_like())
+      txs = (spec.factory(**optax_kwargs(spec)),
+             optax.inject_hyperparams(spec.factory)(**optax_kwargs(spec)))
+      for tx in txs:
+
+        @jax.jit
+        def step(grads, state, tx=tx, params=params):
+          pred = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
+          return jax.lax.cond(
+              pred, lambda: _update(spec, tx, grads, state, params),
+              lambda: (params, state))
+
+        # lax.cond itself fails unless the update's dtypes are the
+        # gradients' (the other branch returns params-dtype arrays) and the
+        # new state has the old one's types.
+        state = tx.init(params)
+        layout = _layout(state)
+        for seed in range(2):
+          grads = stacked_grads(OPTAX_T, seed, dtype=dtype)
+          out, state = step(grads, state)
+          for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
+            assert o.dtype == g.dtype, (dtype, o.dtype)
+            assert np.all(np.isfinite(np.asarray(o, np.float64)))
+          assert _layout(state) == layout, dtype
+
+
+def check_no_compile_on_second_update(spec: Spec):
+  """The second ``update`` call compiles nothing (eagerly and jitted)."""
+  params = params_like()
+  for tx in (spec.factory(**optax_kwargs(spec)),
+             optax.inject_hyperparams(spec.factory)(**optax_kwargs(spec))):
+    jitted = jax.jit(lambda g, s, tx=tx: _update(spec, tx, g, s, params))
+    eager = lambda g, s, tx=tx: _update(spec, tx, g, s, params)  # noqa: E731
+    for update in (eager, jitted):
+      state = tx.init(params)
+      _, state = update(stacked_grads(OPTAX_T, 0), state)
+      with count_compilations() as compiles:
+        out, state = update(stacked_grads(OPTAX_T, 1), state)
+        jax.block_until_ready((out, state))
+      assert not compiles, (
+          f"{len(compiles)} compilation(s) on the second "
+          f"{'jitted' if update is jitted else 'eager'} update")
+
+
+def check_extra_args_ignored(spec: Spec):
+  """Unexpected extra keyword arguments are accepted and ignored."""
+  params = params_like()
+  tx = spec.factory(**optax_kwargs(spec))
+  grads = stacked_grads(OPTAX_T)
+  extra = spec.extra_args(OPTAX_T)
+
+  @jax.jit
+  def step(g, s):
+    return tx.update(g, s, params, **extra,
+                     unexpected_extra_args_your_optimizer_doesnt_expect=1)
+
+  out, state = step(grads, tx.init(params))
+  ref, ref_state = tx.update(grads, tx.init(params), params, **extra)
+  _assert_trees_equal(out, ref, rtol=1e-4, atol=1e-6)
+  _assert_trees_equal(state, ref_state, rtol=1e-4, atol=1e-6)
+  chained = optax.chain(tx, optax.sgd(0.1))
+  chained.update(grads, chained.init(params), params, **extra,
+                 unexpected_extra_args_your_optimizer_doesnt_expect=1)
+
+
 CONTRACT_CHECKS = [
     check_jit_shapes_and_finite,
     check_no_retrace,
@@ -207,4 +431,10 @@ CONTRACT_CHECKS = [
     check_bad_inputs,
     check_shared_mask_heads,
     check_chain_and_scan,
+    # optax's own checks.
+    check_is_aggregator_in_process,
+    check_inject_hyperparams,
+    check_dtype_and_state_stability,
+    check_no_compile_on_second_update,
+    check_extra_args_ignored,
 ]

@@ -24,17 +24,19 @@ from contract import CONTRACT_CHECKS, Spec
 CONTRACT_TASK_COUNTS = (1, 2, 3, 4)
 
 
-def per_task_count(factory):
+def per_task_count(factory, **fixed):
   """A Spec factory that holds one real transform per task count.
 
   ``init`` initialises all of them; ``update`` dispatches on the leading axis
   of the first stacked leaf, so every check runs the real transform for its
   T (validation included: bad inputs still reach the transform's own
-  checks).
+  checks). ``fixed`` are arguments every transform gets; ``make.factory``
+  and ``make.kwargs`` let the optax checks build the factory itself.
   """
 
   def make(**kwargs):
-    txs = {t: factory(num_tasks=t, **kwargs) for t in CONTRACT_TASK_COUNTS}
+    txs = {t: factory(num_tasks=t, **fixed, **kwargs)
+           for t in CONTRACT_TASK_COUNTS}
 
     def init_fn(params):
       return {t: tx.init(params) for t, tx in txs.items()}
@@ -47,6 +49,8 @@ def per_task_count(factory):
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
+  make.factory = factory
+  make.kwargs = fixed
   return make
 
 
@@ -57,32 +61,31 @@ def task_losses(t):
 
 SPECS = [
     # PCGrad.
-    Spec("pcgrad", lambda **kw: pcgrad_optax.pcgrad(**kw)),
+    Spec("pcgrad", pcgrad_optax.pcgrad),
     # The Gram-based aggregators.
-    Spec("mean", lambda **kw: pcgrad_optax.mean(**kw)),
-    Spec("sum", lambda **kw: pcgrad_optax.sum(**kw)),
-    Spec("mgda", lambda **kw: pcgrad_optax.mgda(**kw)),
+    Spec("mean", pcgrad_optax.mean),
+    Spec("sum", pcgrad_optax.sum),
+    Spec("mgda", pcgrad_optax.mgda),
     # One task: CAGrad's update is g0 + c|g0| g/|g| = (1 + c) g.
-    Spec("cagrad", lambda **kw: pcgrad_optax.cagrad(**kw),
+    Spec("cagrad", pcgrad_optax.cagrad,
          identity_at_t1=False),
-    Spec("imtl_g", lambda **kw: pcgrad_optax.imtl_g(**kw)),
-    Spec("upgrad", lambda **kw: pcgrad_optax.upgrad(**kw)),
-    Spec("dualproj", lambda **kw: pcgrad_optax.dualproj(**kw)),
-    Spec("aligned_mtl", lambda **kw: pcgrad_optax.aligned_mtl(**kw)),
-    Spec("config", lambda **kw: pcgrad_optax.config(**kw)),
+    Spec("imtl_g", pcgrad_optax.imtl_g),
+    Spec("upgrad", pcgrad_optax.upgrad),
+    Spec("dualproj", pcgrad_optax.dualproj),
+    Spec("aligned_mtl", pcgrad_optax.aligned_mtl),
+    Spec("config", pcgrad_optax.config),
     # One task: the paper's Nash-MTL update is the unit gradient g/|g| (the
     # update does not depend on gradient norms), not g.
-    Spec("nash_mtl", lambda **kw: pcgrad_optax.nash_mtl(**kw),
+    Spec("nash_mtl", pcgrad_optax.nash_mtl,
          identity_at_t1=False),
     # The stateful and loss-based methods. Every one is the identity for one
     # task at its first step: GradVac and GradDrop have no pair to correct and
     # P is 0 or 1; RLW's softmax of one draw is 1; uncertainty's weight is
     # exp(-0) = 1, DWA's first weights are 1 and FAMO's weights sum to 1. So
     # identity_at_t1 stays True for all of them.
-    Spec("gradvac", per_task_count(
-        lambda **kw: pcgrad_optax.gradvac(beta=0.5, **kw))),
-    Spec("graddrop", lambda **kw: pcgrad_optax.graddrop(**kw)),
-    Spec("rlw", lambda **kw: pcgrad_optax.rlw(**kw)),
+    Spec("gradvac", per_task_count(pcgrad_optax.gradvac, beta=0.5)),
+    Spec("graddrop", pcgrad_optax.graddrop),
+    Spec("rlw", pcgrad_optax.rlw),
     Spec("uncertainty", per_task_count(pcgrad_optax.uncertainty),
          extra_args=task_losses),
     Spec("dwa", per_task_count(pcgrad_optax.dwa), extra_args=task_losses),

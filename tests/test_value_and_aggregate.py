@@ -391,12 +391,16 @@ def test_errors():
   step = lambda agg, **kw: po.value_and_aggregate(mlp_losses, agg, **kw)
   with pytest.raises(ValueError, match="engine must be one of"):
     step(po.mgda(), engine="fast")
+  # Whether an aggregator is Gram-based behind a wrapper is only known from
+  # its state, so these are raised when the step is called (traced).
+  drop = po.graddrop()
   with pytest.raises(ValueError, match="engine='gram' needs a Gram-based"):
-    step(po.graddrop(), engine="gram")
+    step(drop, engine="gram")(MLP_PARAMS, drop.init(MLP_PARAMS), *MLP_BATCH)
   with pytest.raises(ValueError, match="give it once"):
     step(po.mgda(shared=MLP_MASK), shared=MLP_MASK)
   with pytest.raises(ValueError, match="its own shared="):
-    step(po.graddrop(), shared=MLP_MASK)
+    step(drop, shared=MLP_MASK)(MLP_PARAMS, drop.init(MLP_PARAMS),
+                                *MLP_BATCH)
   with pytest.raises(ValueError, match="optax transformation"):
     step(po.weighting.mgda)
   agg = po.mgda()
@@ -415,3 +419,94 @@ def test_errors():
     po.value_and_aggregate(mlp_losses, agg, shared={
         "w1": True, "b1": True, "w2": True, "heads": "no"})(
             MLP_PARAMS, agg.init(MLP_PARAMS), *MLP_BATCH)
+
+
+# --- the state's record, optax.inject_hyperparams, wrappers -----------------
+
+def _close_states(got, want, rtol=2e-5, atol=2e-6):
+  for (_, _, s1), (_, _, s2) in zip(got, want):
+    assert len(s1) == len(s2)
+    for a, b in zip(s1, s2):
+      assert a.shape == b.shape and a.dtype == b.dtype
+      np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "mgda", "upgrad"])
+def test_recorded_weights_and_gram_equal_the_stacked_path(name):
+  factory = AGGREGATORS[name]
+  for reduction in ("sum", "mean"):
+    kw = dict(num_tasks=T, keep_gram=True, reduction=reduction)
+    ref = factory(shared=MLP_MASK, **kw)
+    want = run_steps(reference_step(mlp_losses, ref), MLP_PARAMS,
+                     ref.init(MLP_PARAMS), MLP_BATCH)
+    w = np.asarray(want[-1][2][-2])   # the record: (..., weights, gram)
+    assert w.shape == (T,) and np.any(w != 0)
+    for engine in ("stacked", "gram"):
+      agg = factory(**kw)
+      step = po.value_and_aggregate(mlp_losses, agg, engine=engine,
+                                    shared=MLP_MASK)
+      got = run_steps(step, MLP_PARAMS, agg.init(MLP_PARAMS), MLP_BATCH)
+      assert_same_run([(l, u, []) for l, u, _ in got],
+                      [(l, u, []) for l, u, _ in want])
+      _close_states(got, want)
+      final = got[-1][2]
+      np.testing.assert_allclose(
+          po.diagnostics.task_weights(jax.tree.unflatten(
+              jax.tree.structure(agg.init(MLP_PARAMS)), final)),
+          w, rtol=2e-5, atol=2e-6)
+
+
+def test_inject_hyperparams_reaches_the_method():
+  # inject_hyperparams rebuilds the aggregator from the state's
+  # hyperparameters at every update; the engine still gets its GramStep.
+  inj = optax.inject_hyperparams(po.cagrad)(c=0.5, shared=MLP_MASK,
+                                            num_tasks=T)
+  state0 = inj.init(MLP_PARAMS)
+  state0.hyperparams["c"] = jnp.asarray(0.2)
+  want = run_steps(reference_step(mlp_losses, inj), MLP_PARAMS, state0,
+                   MLP_BATCH)
+  plain = po.cagrad(c=0.2, shared=MLP_MASK, num_tasks=T)
+  direct = run_steps(reference_step(mlp_losses, plain), MLP_PARAMS,
+                     plain.init(MLP_PARAMS), MLP_BATCH)
+  assert_same_run([(l, u, []) for l, u, _ in want],
+                  [(l, u, []) for l, u, _ in direct])
+  for engine in ("stacked", "gram", "auto"):
+    step = po.value_and_aggregate(mlp_losses, inj, engine=engine)
+    got = run_steps(step, MLP_PARAMS, state0, MLP_BATCH)
+    assert_same_run([(l, u, []) for l, u, _ in got],
+                    [(l, u, []) for l, u, _ in want])
+    _close_states(got, want)
+    assert int(got[-1][2][0]) == 3   # InjectHyperparamsState.count
+  # PCGrad: its key and count live in the inner state.
+  inj = optax.inject_hyperparams(po.pcgrad)(key=3, num_tasks=T)
+  want = run_steps(reference_step(mlp_losses, inj), MLP_PARAMS,
+                   inj.init(MLP_PARAMS), MLP_BATCH)
+  got = run_steps(po.value_and_aggregate(mlp_losses, inj, engine="gram"),
+                  MLP_PARAMS, inj.init(MLP_PARAMS), MLP_BATCH)
+  assert_same_run([(l, u, []) for l, u, _ in got],
+                  [(l, u, []) for l, u, _ in want])
+  _close_states(got, want)
+
+
+def test_wrappers_that_hide_the_method():
+  chained = optax.chain(po.pcgrad(), optax.scale(-0.1))
+  state = chained.init(MLP_PARAMS)
+  with pytest.raises(ValueError, match="optax.chain"):
+    po.value_and_aggregate(mlp_losses, chained, engine="gram")(
+        MLP_PARAMS, state, *MLP_BATCH)
+  # auto: the stacked path through the chain's own update.
+  losses, g = po.task_value_and_grad(mlp_losses)(MLP_PARAMS, *MLP_BATCH)
+  ref, _ = chained.update(g, state, MLP_PARAMS)
+  _, update, _ = po.value_and_aggregate(mlp_losses, chained)(
+      MLP_PARAMS, state, *MLP_BATCH)
+  for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_nnx_module_as_params_is_refused():
+  model = nnx.Linear(4, T, rngs=nnx.Rngs(0))
+  agg = po.mgda()
+  loss = lambda m, x: jnp.mean(m(x), axis=0)
+  with pytest.raises(ValueError, match="nnx.split"):
+    po.value_and_aggregate(loss, agg)(model, agg.init(None),
+                                      jnp.ones((2, 4)))

@@ -73,20 +73,26 @@ def aggregate(stacked: PyTree,
               *,
               params: PyTree | None = None,
               shared: SharedMask = None,
-              reduction: str = "sum") -> tuple[PyTree, jax.Array, jax.Array]:
+              reduction: str = "sum",
+              expected_tasks: int | None = None,
+              method: str = "aggregate"
+              ) -> tuple[PyTree, jax.Array, jax.Array]:
   """Shared machinery of the Gram-based transforms.
 
   Builds the Gram matrix of the shared leaves, asks ``weighting`` for task
   weights, combines shared leaves with them and gives every non-shared leaf
   (task heads) the plain sum (or mean) over its task axis.
 
+  ``expected_tasks``/``method``: the T a transformation was built for and
+  its name, for the error when the gradients have another T.
+
   Returns:
     ``(combined update, gram, weights)``; ``weights`` are for the "sum"
     reduction (the "mean" reduction divides them by T).
   """
   check_reduction(reduction)
-  leaves, treedef, mask, t = resolve(stacked, params, shared, None,
-                                     "aggregate")
+  leaves, treedef, mask, t = resolve(stacked, params, shared, expected_tasks,
+                                     method)
   gram = masked_gram(leaves, mask, t)
   weights = jnp.asarray(weighting(gram))
   if weights.shape != (t,):

@@ -6,8 +6,11 @@ expected, when a factory or weighting is called (or traced).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def as_float(x) -> float | jax.Array:
@@ -38,17 +41,71 @@ def as_vector(x, num_tasks: int | None, name: str,
   return x.astype(jnp.promote_types(x.dtype, dtype))
 
 
+def concrete(x) -> np.ndarray | None:
+  """``x`` as a NumPy array when its value is known, None when traced.
+
+  Hyperparameters may be Python numbers, arrays, or tracers (under
+  ``optax.inject_hyperparams`` and ``jax.jit``): only the first two can be
+  validated, and nothing may branch in Python on the third.
+  """
+  if isinstance(x, jax.core.Tracer):
+    return None
+  try:
+    return np.asarray(x)
+  except (TypeError, jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    return None
+
+
+def check_scalar(value, what: str, ok, expected: str) -> None:
+  """ValueError unless a concrete ``value`` is a real scalar with ``ok(v)``.
+
+  A traced ``value`` passes (it cannot be inspected); its validation is the
+  caller's concrete value.
+  """
+  v = concrete(value)
+  if v is None:
+    return
+  # jnp.issubdtype: NumPy does not count bfloat16 as a number.
+  if (v.ndim != 0 or v.dtype == bool or not jnp.issubdtype(v.dtype, jnp.number)
+      or jnp.issubdtype(v.dtype, jnp.complexfloating) or not ok(float(v))):
+    shown = value if isinstance(value, (int, float)) else v.tolist()
+    raise ValueError(f"{what} must be {expected}, got {shown!r}.")
+
+
 def check_choice(value, choices, what: str) -> None:
-  """ValueError unless ``value`` is one of ``choices``."""
-  if value not in choices:
+  """ValueError unless ``value`` is one of ``choices`` (a traced one passes)."""
+  if hasattr(value, "dtype") or isinstance(value, jax.core.Tracer):
+    v = concrete(value)
+    if v is None:
+      return
+    value = v.item() if v.ndim == 0 else v.tolist()
+  if isinstance(value, list) or value not in choices:
     raise ValueError(f"Unknown {what} {value!r}; expected one of {choices}.")
 
 
 def check_nonnegative(value, what: str) -> None:
-  """ValueError unless ``value`` is a finite Python number ``>= 0``."""
-  if not (isinstance(value, (int, float)) and value >= 0
-          and value != float("inf")):
-    raise ValueError(f"{what} must be a finite number >= 0, got {value!r}.")
+  """ValueError unless a concrete ``value`` is a finite number ``>= 0``."""
+  check_scalar(value, what, lambda v: v >= 0 and math.isfinite(v),
+               "a finite number >= 0")
+
+
+def static_int(value, what: str, minimum: int = 1) -> int | None:
+  """A structural integer (num_tasks, a period) as an int; None if traced.
+
+  ``optax.inject_hyperparams`` turns every numeric argument into an array,
+  and under ``jax.jit`` into a tracer; a concrete one is validated and
+  converted, a traced one is None (its value lives in the state's shapes).
+  """
+  v = concrete(value)
+  if v is None:
+    return None
+  if (v.ndim != 0 or v.dtype == bool
+      or not jnp.issubdtype(v.dtype, jnp.integer) or int(v) < minimum):
+    shown = value if isinstance(value, (int, float)) else v.tolist()
+    kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+    raise ValueError(f"{what} must be {kind}, got {shown!r}.")
+  return int(v)
 
 
 def per_task(value, num_tasks: int, name: str) -> jax.Array:
@@ -60,11 +117,19 @@ def per_task(value, num_tasks: int, name: str) -> jax.Array:
   return jnp.broadcast_to(x, (num_tasks,))
 
 
-def check_num_tasks(num_tasks) -> None:
-  """ValueError unless ``num_tasks`` is a positive Python int."""
-  if not isinstance(num_tasks, int) or isinstance(num_tasks, bool) or \
-      num_tasks < 1:
-    raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}.")
+def check_num_tasks(num_tasks) -> int | None:
+  """``num_tasks`` as a positive int (ValueError otherwise); None if traced."""
+  return static_int(num_tasks, "num_tasks")
+
+
+def init_num_tasks(num_tasks: int | None, method: str) -> int:
+  """The T that ``init`` allocates per-task state for; it must be concrete."""
+  if num_tasks is None:
+    raise ValueError(
+        f"{method}: num_tasks is traced when init runs, but init allocates "
+        "per-task state of shape (T,). With optax.inject_hyperparams under "
+        "jax.jit, pass static_args='num_tasks' (or call init outside jit).")
+  return num_tasks
 
 
 def check_losses(losses, t: int, method: str, arg: str = "losses"

@@ -3,10 +3,17 @@
 PRNG keys in the state (:func:`canonicalize_key`), the factory of every
 Gram-based method (:func:`gram_aggregator`, with the :class:`GramStep` it
 attaches for :func:`pcgrad_optax.value_and_aggregate`; the stateless
-:func:`gram_transform`), the state dtype guard
+:func:`gram_transform`), the record of the last step's task weights and Gram
+matrix in the state (:class:`GramState`, :func:`init_record`,
+:func:`check_record`, :func:`record`), the state dtype guard
 (:func:`cast_like`) and the docstring parts every factory repeats
 (:func:`documented` fills them in, keeping docstrings literal so that their
 examples run as doctests).
+
+Every transformation that maps stacked gradients to one params-shaped update
+is an :class:`optax.experimental.aggregating.Aggregator` (a
+``GradientTransformationExtraArgs``, so ``optax.chain`` takes it as before):
+:data:`Aggregator` is that type.
 """
 
 from __future__ import annotations
@@ -17,11 +24,18 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from optax.experimental import aggregating
 
 from pcgrad_optax._core.aggregate import combine_leaves, resolve
+from pcgrad_optax._core.checks import check_num_tasks, init_num_tasks
 from pcgrad_optax._core.gram import masked_gram
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.stacked import check_reduction
+from pcgrad_optax._core.stacked import (check_reduction,
+                                        leaves_accumulation_dtype)
+
+# optax's type for transformations from per-element (here: per-task) updates
+# to one update; every transformation of the package returns one.
+Aggregator = aggregating.Aggregator
 
 
 def canonicalize_key(key_or_seed: jax.Array | int) -> jax.Array:
@@ -64,10 +78,24 @@ WEIGHTS_SHARED_LEAVES = """
   weights the whole model, as weighting the loss does in the paper.
 """
 
+RECORD_ARGS = """    num_tasks: optional T. Given, the state is a
+      :class:`pcgrad_optax.GramState` holding the last step's task weights
+      (``weights``) for logging, at no extra pass over the gradients. None
+      (default): the state is ``optax.EmptyState`` and nothing is recorded
+      (``init`` only sees the params, so the ``(T,)`` shape must be known up
+      front).
+    keep_gram: also keep the last step's ``(T, T)`` Gram matrix (``gram``);
+      needs ``num_tasks``. (With ``optax.inject_hyperparams`` and a jitted
+      ``init``, pass ``static_args="num_tasks"``.)
+"""
+
 RETURNS = """  Returns:
-    An ``optax.GradientTransformationExtraArgs`` with ``optax.EmptyState``.
-    ``update(updates, state, params=None)`` takes stacked gradients (every
-    leaf of shape ``(T,) + param.shape``) and returns params-shaped updates.
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``). ``update(updates, state,
+    params=None)`` takes stacked gradients (every leaf of shape
+    ``(T,) + param.shape``) and returns params-shaped updates. The state is
+    ``optax.EmptyState``, or a :class:`pcgrad_optax.GramState` with
+    ``num_tasks``.
 """
 
 
@@ -85,6 +113,7 @@ def documented(factory):
                        ("@SHARED_ARGS@", SHARED_ARGS.strip("\n")),
                        ("@WEIGHTS_SHARED_LEAVES@",
                         WEIGHTS_SHARED_LEAVES.strip("\n")),
+                       ("@RECORD_ARGS@", RECORD_ARGS.strip("\n")),
                        ("@RETURNS@", RETURNS.strip("\n"))):
     doc = doc.replace("  " + marker, text)
   factory.__doc__ = doc
@@ -123,28 +152,54 @@ def check_weights(weights, t: int, method: str) -> jax.Array:
   return weights
 
 
+class GramProbe:
+  """Asks a Gram-based transformation for its :class:`GramStep`.
+
+  ``tx.update(GramProbe(run), state, params)`` on a transformation built by
+  :func:`gram_aggregator` returns ``run(gram_step, state)`` (a pair
+  ``(result, new_state)``) instead of aggregating: how
+  :func:`pcgrad_optax.value_and_aggregate` reaches the method through
+  wrappers that rebuild it at every update and pass ``updates`` and
+  ``state`` through untouched (``optax.inject_hyperparams``, whose inner
+  transformation, built from the step's hyperparameters, is the one that
+  answers). Not a pytree: wrappers that map over ``updates`` (a chain's
+  later links) fail on it instead of answering.
+  """
+  __slots__ = ("run",)
+
+  def __init__(self, run: Callable[[GramStep, Any], tuple[Any, Any]]):
+    self.run = run
+
+
 def gram_aggregator(init_fn, step, *, shared: SharedMask, reduction: str,
-                    method: str) -> optax.GradientTransformationExtraArgs:
+                    method: str, expected_tasks: int | None = None
+                    ) -> Aggregator:
   """A transformation running ``step`` on the Gram matrix of the gradients.
 
   ``step(gram, state) -> (weights, new_state)``; shared leaves get
   ``sum_t w_t g_t``, the others their plain sum (``reduction`` applies to
   both). The :class:`GramStep` is attached to ``update`` (see
-  :func:`gram_step_of`).
+  :func:`gram_step_of`) and answers a :class:`GramProbe` passed as
+  ``updates``. ``expected_tasks``: the T the transformation was built for
+  (None: any), checked against the gradients.
   """
   check_reduction(reduction)
+  hook = GramStep(step, shared, reduction, method)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, None, method)
+    if isinstance(updates, GramProbe):
+      return updates.run(hook, state)
+    leaves, treedef, mask, t = resolve(updates, params, shared,
+                                       expected_tasks, method)
     gram = masked_gram(leaves, mask, t)
     weights, new_state = step(gram, state)
     weights = check_weights(weights, t, method)
     out = combine_leaves(leaves, mask, weights, reduction)
     return jax.tree.unflatten(treedef, out), new_state
 
-  update_fn.gram_step = GramStep(step, shared, reduction, method)
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  update_fn.gram_step = hook
+  return Aggregator(init_fn, update_fn)
 
 
 def gram_step_of(tx) -> GramStep | None:
@@ -153,18 +208,105 @@ def gram_step_of(tx) -> GramStep | None:
   return step if isinstance(step, GramStep) else None
 
 
+class GramState(NamedTuple):
+  """State of a stateless Gram-based transformation built with ``num_tasks``.
+
+  ``optax.tree_utils.tree_get(state, "weights")`` finds the weights in a
+  chain (or :func:`pcgrad_optax.diagnostics.from_state` reads both).
+
+  Attributes:
+    weights: ``(T,)`` task weights applied to the shared leaves at the last
+      step (the shared part of the update is ``sum_t weights[t] g_t``, so
+      ``reduction="mean"`` is included); zeros before the first update. In
+      the params' accumulation dtype (f32, or f64 for f64 params).
+    gram: ``(T, T)`` Gram matrix of the shared leaves at the last step
+      (zeros before the first update) with ``keep_gram=True``, else None.
+  """
+  weights: jax.Array
+  gram: jax.Array | None = None
+
+
+def check_record_args(num_tasks, keep_gram: bool, method: str) -> bool:
+  """Validates a factory's ``num_tasks``/``keep_gram``; True if it records.
+
+  A traced ``num_tasks`` (``optax.inject_hyperparams`` under ``jit``) still
+  records: its value lives in the state's shapes.
+  """
+  if not isinstance(keep_gram, bool):
+    raise ValueError(f"{method}: keep_gram must be a bool, got {keep_gram!r}.")
+  if num_tasks is None:
+    if keep_gram:
+      raise ValueError(
+          f"{method}: keep_gram=True needs num_tasks (the state's (T, T) "
+          "Gram matrix is allocated at init, which only sees the params).")
+    return False
+  check_num_tasks(num_tasks)
+  return True
+
+
+def init_record(params, num_tasks, keep_gram: bool, method: str,
+                groups: tuple[int, ...] = ()):
+  """Zero ``(weights, gram)`` of shapes ``groups + (T,)``, ``groups + (T, T)``.
+
+  In the params' accumulation dtype (what the Gram matrix of params-dtype
+  gradients is), so the state's dtypes do not change at the first update.
+  """
+  t = init_num_tasks(check_num_tasks(num_tasks), method)
+  leaves = jax.tree.leaves(params)
+  dtype = leaves_accumulation_dtype(leaves) if leaves else jnp.float32
+  weights = jnp.zeros(groups + (t,), dtype)
+  gram = jnp.zeros(groups + (t, t), dtype) if keep_gram else None
+  return weights, gram
+
+
+def check_record(weights_state: jax.Array, t: int, method: str) -> None:
+  """ValueError unless the state was allocated for the gradients' T."""
+  if weights_state.shape[-1] != t:
+    raise ValueError(
+        f"{method} was built with num_tasks={weights_state.shape[-1]} but "
+        f"the stacked gradients have T={t} tasks.")
+
+
+def record(weights, gram, weights_state, gram_state, t: int, reduction: str):
+  """The new ``(weights, gram)`` of the state: applied weights, same dtypes.
+
+  ``weights`` are the method's (the "sum" reduction); the record holds the
+  weights applied to the shared leaves, so "mean" divides them by T.
+  """
+  scale = 1.0 / t if reduction == "mean" else 1.0
+  new_weights = (weights * scale).astype(weights_state.dtype)
+  new_gram = None if gram_state is None else gram.astype(gram_state.dtype)
+  return new_weights, new_gram
+
+
 def gram_transform(weighting: Callable[[jax.Array], jax.Array], *,
                    reduction: str, shared: SharedMask,
-                   method: str = "gram_transform"
-                   ) -> optax.GradientTransformationExtraArgs:
-  """A stateless transformation applying ``weighting`` to the Gram matrix."""
+                   num_tasks: int | None = None, keep_gram: bool = False,
+                   method: str = "gram_transform") -> Aggregator:
+  """A transformation applying ``weighting`` to the Gram matrix.
+
+  Stateless (``optax.EmptyState``) unless ``num_tasks`` is given; then its
+  state is a :class:`GramState` with the last step's weights (and Gram
+  matrix with ``keep_gram``), which the aggregation already computes: no
+  extra pass over the gradients.
+  """
+  check_reduction(reduction)
+  records = check_record_args(num_tasks, keep_gram, method)
+  expected = check_num_tasks(num_tasks) if records else None
 
   def init_fn(params):
-    del params
-    return optax.EmptyState()
+    if not records:
+      return optax.EmptyState()
+    return GramState(*init_record(params, num_tasks, keep_gram, method))
 
   def step(gram, state):
-    return weighting(gram), state
+    t = gram.shape[0]
+    weights = check_weights(weighting(gram), t, method)
+    if not records:
+      return weights, state
+    check_record(state.weights, t, method)
+    return weights, GramState(*record(weights, gram, state.weights,
+                                      state.gram, t, reduction))
 
   return gram_aggregator(init_fn, step, shared=shared, reduction=reduction,
-                         method=method)
+                         method=method, expected_tasks=expected)

@@ -13,9 +13,12 @@ updates out, ``shared=`` and ``reduction=``; PRNG keys live in the state.
 The Gram-based ones build the Gram matrix of the shared leaves, ask their
 weighting for task weights, combine the shared leaves with them and give
 non-shared leaves (task heads) the plain sum (or mean) over the task axis;
-the stateless ones among them keep ``optax.EmptyState``. Those whose state
-has a per-task shape (GradVac) take ``num_tasks`` up front, like
+the stateless ones among them keep ``optax.EmptyState``, or, built with
+``num_tasks``, a :class:`GramState` with the last step's task weights (and
+Gram matrix with ``keep_gram=True``) for logging. Those whose state has a
+per-task shape (GradVac) take ``num_tasks`` up front, like
 :func:`pcgrad_optax.multi_steps`, because ``init`` only sees the params.
+Every transformation is an ``optax.experimental.aggregating.Aggregator``.
 
 ``reduction="sum"`` applies the method's weights as its paper defines them
 (see each weighting); ``reduction="mean"`` divides the whole update, shared
@@ -72,6 +75,8 @@ from pcgrad_optax.aggregation._pcgrad import PCGradState
 from pcgrad_optax.aggregation._pcgrad import pcgrad
 from pcgrad_optax.aggregation._sum import sum  # noqa: A004 (the method's name)
 from pcgrad_optax.aggregation._upgrad import upgrad
+# The state of the stateless Gram-based methods built with num_tasks.
+from pcgrad_optax._core.transform import GramState  # noqa: I001
 
 __all__ = [
     "GradDropState",
@@ -90,4 +95,6 @@ __all__ = [
     "pcgrad",
     "sum",
     "upgrad",
+    # Issue 12: the last step's task weights (and Gram matrix) in the state.
+    "GramState",
 ]

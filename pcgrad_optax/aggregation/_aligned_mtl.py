@@ -10,12 +10,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from pcgrad_optax._core.checks import check_choice, check_task_vector
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.transform import documented, gram_transform
+from pcgrad_optax._core.transform import (Aggregator, documented,
+                                          gram_transform)
 from pcgrad_optax.aggregation._solvers import mm, normalized
 
 ALIGNED_MTL_SCALE_MODES = ("min", "median", "rmse")
@@ -107,8 +107,9 @@ def aligned_mtl_weighting(gram: jax.Array, *,
 @documented
 def aligned_mtl(*, task_weights: jax.Array | None = None,
                 scale_mode: str = "min", reduction: str = "sum",
-                shared: SharedMask = None
-                ) -> optax.GradientTransformationExtraArgs:
+                shared: SharedMask = None,
+                num_tasks: int | None = None, keep_gram: bool = False
+                ) -> Aggregator:
   r"""Aligned-MTL: gradients aligned to condition number one, then summed.
 
   Shared leaves get :math:`G^T B p` with
@@ -123,6 +124,7 @@ def aligned_mtl(*, task_weights: jax.Array | None = None,
     task_weights: optional ``(T,)`` :math:`p` (default ones, the paper).
     scale_mode: ``"min"`` (paper), ``"median"`` or ``"rmse"``.
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -144,4 +146,6 @@ def aligned_mtl(*, task_weights: jax.Array | None = None,
   return gram_transform(
       lambda gram: aligned_mtl_weighting(gram, task_weights=task_weights,
                                          scale_mode=scale_mode),
-      reduction=reduction, shared=shared)
+      reduction=reduction, shared=shared,
+      num_tasks=num_tasks, keep_gram=keep_gram,
+      method="aligned_mtl")

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
 from pcgrad_optax._core.checks import (as_float, check_choice,
-                                       check_nonnegative)
+                                       check_nonnegative, concrete)
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.transform import documented, gram_transform
+from pcgrad_optax._core.transform import (Aggregator, documented,
+                                          gram_transform)
 from pcgrad_optax.aggregation._solvers import (min_norm_simplex, mm,
                                                normalized)
 
@@ -131,18 +131,24 @@ def cagrad_weighting(gram: jax.Array, c: float = 0.5, *, rescale: int = 0
   c_value = as_float(c)
   if isinstance(c_value, float) and not c_value >= 0:
     raise ValueError(f"CAGrad's c must be >= 0, got {c}.")
-  if rescale not in CAGRAD_RESCALES:
+  rescale_value = concrete(rescale)   # None when traced
+  if rescale_value is not None and (
+      rescale_value.ndim != 0 or rescale_value.dtype == bool
+      or rescale_value.item() not in CAGRAD_RESCALES):
     raise ValueError(f"Unknown CAGrad rescale {rescale!r}; expected one of "
                      f"{CAGRAD_RESCALES} (none, 1 + c^2, 1 + c).")
   c = jnp.asarray(c, gram.dtype)
-  divisor = {0: 1.0, 1: 1 + c * c, 2: 1 + c}[int(rescale)]
+  # A select, not a Python branch: rescale may be traced.
+  divisor = jnp.where(jnp.asarray(rescale) == 1, 1 + c * c,
+                      jnp.where(jnp.asarray(rescale) == 2, 1 + c, 1.0))
   return _cagrad(gram, c) / divisor
 
 
 @documented
 def cagrad(c: float = 0.5, *, rescale: int = 0, reduction: str = "sum",
-           shared: SharedMask = None
-           ) -> optax.GradientTransformationExtraArgs:
+           shared: SharedMask = None,
+           num_tasks: int | None = None, keep_gram: bool = False
+           ) -> Aggregator:
   r"""CAGrad: conflict-averse gradient descent (Liu et al., 2021).
 
   Shared leaves get the update maximising the worst task's improvement in
@@ -159,6 +165,7 @@ def cagrad(c: float = 0.5, *, rescale: int = 0, reduction: str = "sum",
     rescale: ``0`` the paper's update (default), ``1`` divides by
       :math:`1 + c^2` (the official code's default), ``2`` by :math:`1 + c`.
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -178,4 +185,6 @@ def cagrad(c: float = 0.5, *, rescale: int = 0, reduction: str = "sum",
   check_nonnegative(c, "CAGrad's c")
   check_choice(rescale, CAGRAD_RESCALES, "CAGrad rescale")
   return gram_transform(lambda gram: cagrad_weighting(gram, c, rescale=rescale),
-                        reduction=reduction, shared=shared)
+                        reduction=reduction, shared=shared,
+                        num_tasks=num_tasks, keep_gram=keep_gram,
+                        method="cagrad")

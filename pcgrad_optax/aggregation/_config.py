@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.transform import documented, gram_transform
+from pcgrad_optax._core.transform import (Aggregator, documented,
+                                          gram_transform)
 from pcgrad_optax.aggregation._solvers import (equal_cosine_direction, mm,
                                                safe_div)
 
@@ -78,8 +78,9 @@ def config_weighting(gram: jax.Array) -> jax.Array:
 
 
 @documented
-def config(*, reduction: str = "sum", shared: SharedMask = None
-           ) -> optax.GradientTransformationExtraArgs:
+def config(*, reduction: str = "sum", shared: SharedMask = None,
+           num_tasks: int | None = None, keep_gram: bool = False
+           ) -> Aggregator:
   r"""ConFIG: the conflict-free direction of equal angles with every task.
 
   Shared leaves get :math:`(\sum_t g_t \cdot \hat g_c)\,\hat g_c` with
@@ -90,6 +91,7 @@ def config(*, reduction: str = "sum", shared: SharedMask = None
 
   Args:
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -106,4 +108,6 @@ def config(*, reduction: str = "sum", shared: SharedMask = None
     Liu, Chu & Thuerey, `ConFIG: Towards Conflict-free Training of Physics
     Informed Neural Networks <https://arxiv.org/abs/2408.11104>`_, ICLR 2025.
   """
-  return gram_transform(config_weighting, reduction=reduction, shared=shared)
+  return gram_transform(config_weighting, reduction=reduction, shared=shared,
+                        num_tasks=num_tasks, keep_gram=keep_gram,
+                        method="config")

@@ -9,11 +9,11 @@ Rey, `Jacobian Descent for Multi-Objective Optimization
 from __future__ import annotations
 
 import jax
-import optax
 
 from pcgrad_optax._core.checks import check_nonnegative
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.transform import documented, gram_transform
+from pcgrad_optax._core.transform import (Aggregator, documented,
+                                          gram_transform)
 from pcgrad_optax.aggregation._solvers import (dual_cone_args,
                                                dual_cone_weights,
                                                torchjd_normalized)
@@ -73,8 +73,9 @@ def dualproj_weighting(gram: jax.Array, *,
 
 @documented
 def dualproj(*, task_weights: jax.Array | None = None, reg_eps: float = 0.0,
-             reduction: str = "sum", shared: SharedMask = None
-             ) -> optax.GradientTransformationExtraArgs:
+             reduction: str = "sum", shared: SharedMask = None,
+             num_tasks: int | None = None, keep_gram: bool = False
+             ) -> Aggregator:
   r"""DualProj: the mean gradient projected onto the dual cone (GEM-style).
 
   Shared leaves get :math:`\pi_{\mathcal C}(\frac1T \sum_t g_t)`, the
@@ -88,6 +89,7 @@ def dualproj(*, task_weights: jax.Array | None = None, reg_eps: float = 0.0,
     reg_eps: ridge on ``K / trace(K)`` (torchjd uses ``1e-4``); ``0``
       (default) is exact.
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -108,4 +110,6 @@ def dualproj(*, task_weights: jax.Array | None = None, reg_eps: float = 0.0,
   return gram_transform(
       lambda gram: dualproj_weighting(gram, task_weights=task_weights,
                                       reg_eps=reg_eps),
-      reduction=reduction, shared=shared)
+      reduction=reduction, shared=shared,
+      num_tasks=num_tasks, keep_gram=keep_gram,
+      method="dualproj")

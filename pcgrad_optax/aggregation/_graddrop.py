@@ -21,7 +21,9 @@ import optax
 from pcgrad_optax._core.aggregate import resolve
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import accumulation_dtype, check_reduction
-from pcgrad_optax._core.transform import canonicalize_key, documented
+from pcgrad_optax._core.checks import concrete
+from pcgrad_optax._core.transform import (Aggregator, canonicalize_key,
+                                          documented)
 from pcgrad_optax._core.weighted_sum import leaf_weighted_sum, sum_over_tasks
 
 
@@ -72,7 +74,7 @@ def _graddrop_step(leaves, key, count, leak, *, mask, reduction):
 @documented
 def graddrop(key: jax.Array | int = 0, *, leak: float | jax.Array = 0.0,
              reduction: str = "sum", shared: SharedMask = None
-             ) -> optax.GradientTransformationExtraArgs:
+             ) -> Aggregator:
   r"""GradDrop: keep one sign per coordinate, chosen by its sign purity.
 
   For every coordinate of the shared leaves, with task gradients
@@ -117,8 +119,10 @@ def graddrop(key: jax.Array | int = 0, *, leak: float | jax.Array = 0.0,
       :func:`pcgrad_optax.pcgrad`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a
-    :class:`GradDropState`.
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`GradDropState`.
+    GradDrop picks a sign per coordinate rather than task weights, so its
+    state has no ``weights``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -142,8 +146,9 @@ def graddrop(key: jax.Array | int = 0, *, leak: float | jax.Array = 0.0,
   if leak_array.ndim > 1:
     raise ValueError(f"`leak` must be a scalar or shape (T,), got "
                      f"{leak_array.shape}.")
-  if not isinstance(leak, jax.core.Tracer) and not np.all(
-      (np.asarray(leak) >= 0) & (np.asarray(leak) <= 1)):
+  leak_value = concrete(leak)   # None when traced
+  if leak_value is not None and not np.all((leak_value >= 0)
+                                           & (leak_value <= 1)):
     raise ValueError(f"`leak` must be in [0, 1], got {leak!r}.")
 
   def init_fn(params):
@@ -163,4 +168,4 @@ def graddrop(key: jax.Array | int = 0, *, leak: float | jax.Array = 0.0,
     return jax.tree.unflatten(treedef, out), GradDropState(
         state.key, optax.safe_increment(state.count))
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

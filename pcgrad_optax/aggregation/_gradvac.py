@@ -16,12 +16,15 @@ import optax
 from jax import lax
 
 from pcgrad_optax._core.aggregate import combine_leaves, resolve
-from pcgrad_optax._core.checks import check_num_tasks
+from pcgrad_optax._core.checks import (check_num_tasks, check_scalar,
+                                       init_num_tasks)
 from pcgrad_optax._core.gram import check_gram, leaf_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import (check_reduction,
                                         leaves_accumulation_dtype)
-from pcgrad_optax._core.transform import canonicalize_key, documented
+from pcgrad_optax._core.transform import (Aggregator, canonicalize_key,
+                                          check_record_args, documented,
+                                          init_record, record)
 from pcgrad_optax.aggregation._pcgrad import random_orders, task_orders
 
 GRADVAC_EMA_SOURCES = ("modified", "original")
@@ -116,14 +119,14 @@ def gradvac_weighting(gram: jax.Array, targets: jax.Array, *,
     raise ValueError(
         f"`targets` must have shape (T, T) = ({t}, {t}) to match the Gram "
         f"matrix, got {targets.shape}.")
-  if not 0.0 <= beta <= 1.0:
-    raise ValueError(f"`beta` must be in [0, 1], got {beta!r}.")
+  _check_beta(beta)
   if ema_of not in GRADVAC_EMA_SOURCES:
     raise ValueError(
         f"Unknown ema_of {ema_of!r}; expected one of {GRADVAC_EMA_SOURCES}.")
   order = task_orders(key, order, t, "weighting.gradvac")
 
   dtype = gram.dtype
+  beta = jnp.asarray(beta, dtype)
   eps = jnp.finfo(dtype).eps
   sq_norms = jnp.maximum(jnp.diagonal(gram), 0)
   norms = jnp.sqrt(sq_norms)
@@ -173,6 +176,10 @@ def gradvac_weighting(gram: jax.Array, targets: jax.Array, *,
   return coefs.sum(axis=0), new_targets.astype(targets.dtype)
 
 
+def _check_beta(beta) -> None:
+  check_scalar(beta, "`beta`", lambda b: 0.0 <= b <= 1.0, "in [0, 1]")
+
+
 class GradVacState(NamedTuple):
   """State of :func:`gradvac`.
 
@@ -182,10 +189,17 @@ class GradVacState(NamedTuple):
     count: number of updates done so far (int32).
     targets: ``(G, T, T)`` float32 EMA cosine targets, one ``(T, T)`` block
       per parameter group (``G = 1`` for ``granularity="all"``).
+    weights: ``(G, T)`` weights applied to each group's shared leaves at the
+      last step (zeros before the first update), in the params'
+      accumulation dtype.
+    gram: with ``keep_gram``, the last step's ``(G, T, T)`` Gram blocks;
+      else None.
   """
   key: jax.Array
   count: jax.Array
   targets: jax.Array
+  weights: jax.Array | None = None
+  gram: jax.Array | None = None
 
 
 def _gradvac_groups(tree, granularity: str) -> tuple[list[int], int]:
@@ -200,9 +214,9 @@ def _gradvac_groups(tree, granularity: str) -> tuple[list[int], int]:
   return groups, len(ids)
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "groups", "beta",
-                                             "ema_of", "reduction"))
-def _gradvac_step(leaves, targets, key, count, *, mask, groups, beta, ema_of,
+@functools.partial(jax.jit, static_argnames=("mask", "groups", "ema_of",
+                                             "reduction"))
+def _gradvac_step(leaves, targets, key, count, beta, *, mask, groups, ema_of,
                   reduction):
   t = leaves[0].shape[0]
   acc = leaves_accumulation_dtype(leaves)
@@ -213,19 +227,19 @@ def _gradvac_step(leaves, targets, key, count, *, mask, groups, beta, ema_of,
   order = random_orders(jax.random.fold_in(key, count), t)
   # A group without shared leaves has a zero Gram matrix: its weights stay at
   # one (unused) and its targets untouched (zero gradients are skipped).
+  grams = jnp.stack(grams)
   weights, new_targets = jax.vmap(
       lambda gram, tgt: gradvac_weighting(
-          gram, tgt, beta=beta, order=order, ema_of=ema_of))(
-              jnp.stack(grams), targets)
+          gram, tgt, beta=beta, order=order, ema_of=ema_of))(grams, targets)
   out = combine_leaves(leaves, mask, [weights[g] for g in groups], reduction)
-  return out, new_targets.astype(targets.dtype)
+  return out, new_targets.astype(targets.dtype), weights, grams
 
 
 @documented
 def gradvac(key: jax.Array | int = 0, *, num_tasks: int, beta: float = 1e-2,
             granularity: str = "all", ema_of: str = "modified",
-            reduction: str = "sum", shared: SharedMask = None
-            ) -> optax.GradientTransformationExtraArgs:
+            reduction: str = "sum", shared: SharedMask = None,
+            keep_gram: bool = False) -> Aggregator:
   r"""Gradient Vaccine (GradVac): raise pairwise cosines to adaptive targets.
 
   Each step applies Algorithm 1 of Wang et al. (2021) to the shared
@@ -261,10 +275,12 @@ def gradvac(key: jax.Array | int = 0, *, num_tasks: int, beta: float = 1e-2,
     reduction: ``"sum"`` (the paper) or ``"mean"``.
     shared: which leaves are shared parameters, as for
       :func:`pcgrad_optax.pcgrad`.
+    keep_gram: also keep the last step's ``(G, T, T)`` Gram blocks in the
+      state's ``gram`` (the ``(G, T)`` weights are always kept).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a
-    :class:`GradVacState`.
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`GradVacState`.
 
   Example:
     >>> import jax.numpy as jnp, optax
@@ -286,25 +302,29 @@ def gradvac(key: jax.Array | int = 0, *, num_tasks: int, beta: float = 1e-2,
     <https://arxiv.org/abs/2010.05874>`_, ICLR 2021.
   """
   check_reduction(reduction)
-  check_num_tasks(num_tasks)
+  expected = check_num_tasks(num_tasks)   # None when traced
+  check_record_args(num_tasks, keep_gram, "gradvac")
   if granularity not in GRADVAC_GRANULARITIES:
     raise ValueError(f"Unknown granularity {granularity!r}; expected one of "
                      f"{GRADVAC_GRANULARITIES}.")
-  if not 0.0 <= beta <= 1.0:
-    raise ValueError(f"`beta` must be in [0, 1], got {beta!r}.")
+  _check_beta(beta)
   if ema_of not in GRADVAC_EMA_SOURCES:
     raise ValueError(f"Unknown ema_of {ema_of!r}; expected one of "
                      f"{GRADVAC_EMA_SOURCES}.")
 
   def init_fn(params):
     _, num_groups = _gradvac_groups(params, granularity)
+    t = init_num_tasks(expected, "gradvac")
+    weights, gram = init_record(params, t, keep_gram, "gradvac",
+                                (num_groups,))
     return GradVacState(
         key=canonicalize_key(key), count=jnp.zeros([], jnp.int32),
-        targets=jnp.zeros((num_groups, num_tasks, num_tasks), jnp.float32))
+        targets=jnp.zeros((num_groups, t, t), jnp.float32),
+        weights=weights, gram=gram)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
                                        "gradvac")
     groups, num_groups = _gradvac_groups(updates, granularity)
     if state.targets.shape != (num_groups, t, t):
@@ -312,10 +332,14 @@ def gradvac(key: jax.Array | int = 0, *, num_tasks: int, beta: float = 1e-2,
           f"gradvac state targets have shape {state.targets.shape}, expected "
           f"{(num_groups, t, t)} for granularity={granularity!r}: the "
           "gradients' structure differs from the params given to init.")
-    out, targets = _gradvac_step(
-        leaves, state.targets, state.key, state.count, mask=tuple(mask),
-        groups=tuple(groups), beta=beta, ema_of=ema_of, reduction=reduction)
+    out, targets, weights, grams = _gradvac_step(
+        leaves, state.targets, state.key, state.count,
+        jnp.asarray(beta, jnp.float32), mask=tuple(mask),
+        groups=tuple(groups), ema_of=ema_of, reduction=reduction)
+    weights, grams = record(weights, grams, state.weights, state.gram, t,
+                            reduction)
     return jax.tree.unflatten(treedef, out), GradVacState(
-        state.key, optax.safe_increment(state.count), targets)
+        state.key, optax.safe_increment(state.count), targets, weights,
+        grams)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

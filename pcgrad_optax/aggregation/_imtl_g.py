@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.transform import documented, gram_transform
+from pcgrad_optax._core.transform import (Aggregator, documented,
+                                          gram_transform)
 from pcgrad_optax.aggregation._solvers import equal_cosine_direction
 
 
@@ -79,8 +79,9 @@ def imtl_g_weighting(gram: jax.Array) -> jax.Array:
 
 
 @documented
-def imtl_g(*, reduction: str = "sum", shared: SharedMask = None
-           ) -> optax.GradientTransformationExtraArgs:
+def imtl_g(*, reduction: str = "sum", shared: SharedMask = None,
+           num_tasks: int | None = None, keep_gram: bool = False
+           ) -> Aggregator:
   r"""IMTL-G: equal projections of the update on every unit task gradient.
 
   Shared leaves get :math:`\sum_t \alpha_t g_t` with
@@ -92,6 +93,7 @@ def imtl_g(*, reduction: str = "sum", shared: SharedMask = None
 
   Args:
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -108,4 +110,6 @@ def imtl_g(*, reduction: str = "sum", shared: SharedMask = None
     Liu et al., `Towards Impartial Multi-task Learning
     <https://openreview.net/forum?id=IMPnRXEWpvr>`_, ICLR 2021.
   """
-  return gram_transform(imtl_g_weighting, reduction=reduction, shared=shared)
+  return gram_transform(imtl_g_weighting, reduction=reduction, shared=shared,
+                        num_tasks=num_tasks, keep_gram=keep_gram,
+                        method="imtl_g")

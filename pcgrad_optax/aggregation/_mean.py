@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.transform import documented, gram_transform
+from pcgrad_optax._core.transform import (Aggregator, documented,
+                                          gram_transform)
 
 
 def mean_weighting(gram: jax.Array) -> jax.Array:
@@ -40,8 +40,9 @@ def mean_weighting(gram: jax.Array) -> jax.Array:
 
 
 @documented
-def mean(*, reduction: str = "sum", shared: SharedMask = None
-         ) -> optax.GradientTransformationExtraArgs:
+def mean(*, reduction: str = "sum", shared: SharedMask = None,
+         num_tasks: int | None = None, keep_gram: bool = False
+         ) -> Aggregator:
   r"""Linear scalarisation with equal weights: the mean task gradient.
 
   Shared leaves get :math:`\frac1T \sum_t g_t`
@@ -54,6 +55,7 @@ def mean(*, reduction: str = "sum", shared: SharedMask = None
 
   Args:
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -66,4 +68,6 @@ def mean(*, reduction: str = "sum", shared: SharedMask = None
     >>> updates["w"]
     Array([2., 3.], dtype=float32)
   """
-  return gram_transform(mean_weighting, reduction=reduction, shared=shared)
+  return gram_transform(mean_weighting, reduction=reduction, shared=shared,
+                        num_tasks=num_tasks, keep_gram=keep_gram,
+                        method="mean")

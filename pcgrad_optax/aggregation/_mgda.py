@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 
 import jax
-import optax
 
 from pcgrad_optax._core.checks import check_choice
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.transform import documented, gram_transform
+from pcgrad_optax._core.transform import (Aggregator, documented,
+                                          gram_transform)
 from pcgrad_optax.aggregation._solvers import (cosines, min_norm_simplex,
                                                normalized)
 
@@ -96,8 +96,9 @@ def mgda_weighting(gram: jax.Array, *, normalization: str = "none"
 
 @documented
 def mgda(*, normalization: str = "none", reduction: str = "sum",
-         shared: SharedMask = None
-         ) -> optax.GradientTransformationExtraArgs:
+         shared: SharedMask = None,
+         num_tasks: int | None = None, keep_gram: bool = False
+         ) -> Aggregator:
   r"""MGDA: the exact min-norm point of the convex hull of task gradients.
 
   Shared leaves get :math:`\sum_t w_t g_t` with
@@ -115,6 +116,7 @@ def mgda(*, normalization: str = "none", reduction: str = "sum",
       unit gradients, applied to the raw ones, as the official code's
       ``normalization_type="l2"``).
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -135,4 +137,6 @@ def mgda(*, normalization: str = "none", reduction: str = "sum",
   check_choice(normalization, MGDA_NORMALIZATIONS, "MGDA normalization")
   return gram_transform(
       lambda gram: mgda_weighting(gram, normalization=normalization),
-      reduction=reduction, shared=shared)
+      reduction=reduction, shared=shared,
+      num_tasks=num_tasks, keep_gram=keep_gram,
+      method="mgda")

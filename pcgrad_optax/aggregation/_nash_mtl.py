@@ -11,14 +11,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
 from pcgrad_optax._core.checks import (as_float, check_choice,
                                        check_nonnegative)
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.transform import documented, gram_transform
+from pcgrad_optax._core.transform import (Aggregator, documented,
+                                          gram_transform)
 from pcgrad_optax.aggregation._solvers import (cosines, mm, normalized,
                                                solver_dtype)
 
@@ -182,8 +182,9 @@ def nash_mtl_weighting(gram: jax.Array, *, normalization: str = "none",
 @documented
 def nash_mtl(*, normalization: str = "none", max_norm: float = 0.0,
              ridge: float = 1e-6, reduction: str = "sum",
-             shared: SharedMask = None
-             ) -> optax.GradientTransformationExtraArgs:
+             shared: SharedMask = None,
+             num_tasks: int | None = None, keep_gram: bool = False
+             ) -> Aggregator:
   r"""Nash-MTL: the Nash bargaining update (Navon et al., 2022).
 
   Shared leaves get :math:`\sum_t \alpha_t g_t` with
@@ -200,6 +201,7 @@ def nash_mtl(*, normalization: str = "none", max_norm: float = 0.0,
     max_norm: if ``> 0``, the update's norm is clipped to it.
     ridge: diagonal added to the cosine matrix (default ``1e-6``; 0 exact).
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -223,4 +225,6 @@ def nash_mtl(*, normalization: str = "none", max_norm: float = 0.0,
   return gram_transform(
       lambda gram: nash_mtl_weighting(gram, normalization=normalization,
                                       max_norm=max_norm, ridge=ridge),
-      reduction=reduction, shared=shared)
+      reduction=reduction, shared=shared,
+      num_tasks=num_tasks, keep_gram=keep_gram,
+      method="nash_mtl")

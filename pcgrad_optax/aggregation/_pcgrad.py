@@ -13,12 +13,16 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from pcgrad_optax._core.checks import check_num_tasks
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.mesh import vary_like
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import (canonicalize_key, documented,
-                                          gram_aggregator)
+from pcgrad_optax._core.transform import (Aggregator, canonicalize_key,
+                                          check_record,
+                                          check_record_args, documented,
+                                          gram_aggregator, init_record,
+                                          record)
 
 
 def random_orders(key: jax.Array, num_tasks: int) -> jax.Array:
@@ -117,6 +121,14 @@ def pcgrad_weighting(gram: jax.Array, *, key: jax.Array | None = None,
   gram = check_gram(gram)
   t = gram.shape[0]
   order = task_orders(key, order, t, "weighting.pcgrad")
+  return _pcgrad(gram, order)
+
+
+# Jitted once at module level: called eagerly (a transformation outside jit),
+# a fresh fori_loop body would compile again at every step.
+@jax.jit
+def _pcgrad(gram, order):
+  t = gram.shape[0]
   sq_norms = jnp.diagonal(gram)
   rows = jnp.arange(t)
 
@@ -141,15 +153,22 @@ class PCGradState(NamedTuple):
     key: typed PRNG key; step ``n`` draws its orders from
       ``jax.random.fold_in(key, n)``.
     count: number of updates done so far (int32).
+    weights: with ``num_tasks``, the ``(T,)`` weights applied to the shared
+      leaves at the last step (see :class:`pcgrad_optax.GramState`); else
+      None.
+    gram: with ``keep_gram``, the last step's ``(T, T)`` Gram matrix; else
+      None.
   """
   key: jax.Array
   count: jax.Array
+  weights: jax.Array | None = None
+  gram: jax.Array | None = None
 
 
 @documented
 def pcgrad(key: jax.Array | int = 0, *, reduction: str = "sum",
-           shared: SharedMask = None
-           ) -> optax.GradientTransformationExtraArgs:
+           shared: SharedMask = None, num_tasks: int | None = None,
+           keep_gram: bool = False) -> Aggregator:
   r"""PCGrad gradient surgery on stacked per-task gradients.
 
   Each step applies Algorithm 1 of Yu et al. (2020) to the shared
@@ -176,11 +195,18 @@ def pcgrad(key: jax.Array | int = 0, *, reduction: str = "sum",
     shared: which leaves are shared parameters: None (all), a pytree of bools
       with the params' structure (or a prefix of it) or a callable
       ``params -> pytree of bools``, like ``optax.masked``'s mask.
+    num_tasks: optional T. Given, the state's ``weights`` hold the last
+      step's ``(T,)`` task weights for logging (no extra pass over the
+      gradients); None (default) leaves ``weights`` None (``init`` only sees
+      the params, so the shape must be known up front).
+    keep_gram: also keep the last step's ``(T, T)`` Gram matrix in the
+      state's ``gram``; needs ``num_tasks``.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs``. ``update(updates, state,
-    params=None)`` takes stacked gradients (every leaf of shape
-    ``(T,) + param.shape``) and returns params-shaped updates.
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`PCGradState`.
+    ``update(updates, state, params=None)`` takes stacked gradients (every
+    leaf of shape ``(T,) + param.shape``) and returns params-shaped updates.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -202,16 +228,28 @@ def pcgrad(key: jax.Array | int = 0, *, reduction: str = "sum",
     <https://arxiv.org/abs/2001.06782>`_, NeurIPS 2020.
   """
   check_reduction(reduction)
+  records = check_record_args(num_tasks, keep_gram, "pcgrad")
+  expected = check_num_tasks(num_tasks) if records else None
 
   def init_fn(params):
-    del params
+    weights, gram = (init_record(params, num_tasks, keep_gram, "pcgrad")
+                     if records else (None, None))
     return PCGradState(key=canonicalize_key(key),
-                       count=jnp.zeros([], jnp.int32))
+                       count=jnp.zeros([], jnp.int32), weights=weights,
+                       gram=gram)
 
   def step(gram, state):
     step_key = jax.random.fold_in(state.key, state.count)
-    return pcgrad_weighting(gram, key=step_key), PCGradState(
-        state.key, optax.safe_increment(state.count))
+    t = gram.shape[0]
+    weights = pcgrad_weighting(gram, key=step_key)
+    if records:
+      check_record(state.weights, t, "pcgrad")
+      rec_weights, rec_gram = record(weights, gram, state.weights,
+                                     state.gram, t, reduction)
+    else:
+      rec_weights = rec_gram = None
+    return weights, PCGradState(state.key, optax.safe_increment(state.count),
+                                rec_weights, rec_gram)
 
   return gram_aggregator(init_fn, step, shared=shared, reduction=reduction,
-                         method="pcgrad")
+                         method="pcgrad", expected_tasks=expected)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.transform import documented, gram_transform
+from pcgrad_optax._core.transform import (Aggregator, documented,
+                                          gram_transform)
 
 
 def sum_weighting(gram: jax.Array) -> jax.Array:
@@ -36,8 +36,9 @@ def sum_weighting(gram: jax.Array) -> jax.Array:
 
 
 @documented
-def sum(*, reduction: str = "sum", shared: SharedMask = None  # noqa: A001
-        ) -> optax.GradientTransformationExtraArgs:
+def sum(*, reduction: str = "sum", shared: SharedMask = None,  # noqa: A001
+        num_tasks: int | None = None, keep_gram: bool = False
+        ) -> Aggregator:
   r"""Linear scalarisation with unit weights: the summed task gradient.
 
   Every leaf gets :math:`\sum_t g_t` (:func:`pcgrad_optax.weighting.sum`),
@@ -48,6 +49,7 @@ def sum(*, reduction: str = "sum", shared: SharedMask = None  # noqa: A001
 
   Args:
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -60,4 +62,6 @@ def sum(*, reduction: str = "sum", shared: SharedMask = None  # noqa: A001
     >>> updates["w"]
     Array([2., 3.], dtype=float32)
   """
-  return gram_transform(sum_weighting, reduction=reduction, shared=shared)
+  return gram_transform(sum_weighting, reduction=reduction, shared=shared,
+                        num_tasks=num_tasks, keep_gram=keep_gram,
+                        method="sum")

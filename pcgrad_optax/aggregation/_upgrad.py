@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from pcgrad_optax._core.checks import check_nonnegative
 from pcgrad_optax._core.masks import SharedMask
-from pcgrad_optax._core.transform import documented, gram_transform
+from pcgrad_optax._core.transform import (Aggregator, documented,
+                                          gram_transform)
 from pcgrad_optax.aggregation._solvers import (dual_cone_args,
                                                dual_cone_weights,
                                                torchjd_normalized)
@@ -77,8 +77,9 @@ def upgrad_weighting(gram: jax.Array, *,
 
 @documented
 def upgrad(*, task_weights: jax.Array | None = None, reg_eps: float = 0.0,
-           reduction: str = "sum", shared: SharedMask = None
-           ) -> optax.GradientTransformationExtraArgs:
+           reduction: str = "sum", shared: SharedMask = None,
+           num_tasks: int | None = None, keep_gram: bool = False
+           ) -> Aggregator:
   r"""UPGrad: the average of the gradients projected onto their dual cone.
 
   Shared leaves get :math:`\frac1T \sum_i \pi_{\mathcal C}(g_i)` with
@@ -94,6 +95,7 @@ def upgrad(*, task_weights: jax.Array | None = None, reg_eps: float = 0.0,
     reg_eps: ridge on ``K / trace(K)`` (torchjd's default projector uses
       ``1e-4``); ``0`` (default) is exact.
   @SHARED_ARGS@
+  @RECORD_ARGS@
 
   @RETURNS@
 
@@ -114,4 +116,6 @@ def upgrad(*, task_weights: jax.Array | None = None, reg_eps: float = 0.0,
   return gram_transform(
       lambda gram: upgrad_weighting(gram, task_weights=task_weights,
                                     reg_eps=reg_eps),
-      reduction=reduction, shared=shared)
+      reduction=reduction, shared=shared,
+      num_tasks=num_tasks, keep_gram=keep_gram,
+      method="upgrad")

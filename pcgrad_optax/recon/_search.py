@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pcgrad_optax._core.checks import concrete
 from pcgrad_optax._core.gram import leaf_gram
 from pcgrad_optax._core.masks import SharedMask, shared_leaves
 from pcgrad_optax._core.stacked import PyTree, num_tasks
@@ -190,13 +191,16 @@ def track_conflicts(threshold: float = 0.0, *, layers: Grouping = None,
     >>> {k: int(v) for k, v in state.scores.items()}, int(state.count)
     ({'a': 1, 'b': 0}, 1)
   """
-  try:
-    threshold = float(threshold)
-  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
-    raise ValueError(
-        f"`threshold` must be a real number, got {threshold!r}.") from None
-  if math.isnan(threshold):
-    raise ValueError("`threshold` must be a real number, got nan.")
+  # A traced threshold (optax.inject_hyperparams under jit) is used as an
+  # array; a concrete one must be a real number.
+  if concrete(threshold) is not None:
+    try:
+      threshold = float(threshold)
+    except (TypeError, ValueError):
+      raise ValueError(
+          f"`threshold` must be a real number, got {threshold!r}.") from None
+    if math.isnan(threshold):
+      raise ValueError("`threshold` must be a real number, got nan.")
   check_grouping(layers)
 
   def init_fn(params):

@@ -13,10 +13,13 @@ import jax.numpy as jnp
 import optax
 
 from pcgrad_optax._core.aggregate import combine, resolve
-from pcgrad_optax._core.checks import as_vector, check_losses, check_num_tasks
+from pcgrad_optax._core.checks import (as_vector, check_losses,
+                                       check_num_tasks, check_scalar,
+                                       init_num_tasks, static_int)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import cast_like, documented
+from pcgrad_optax._core.transform import (Aggregator, cast_like,
+                                          check_record, documented, record)
 
 
 def dwa_weighting(prev_losses: jax.Array, prev_prev_losses: jax.Array, *,
@@ -57,11 +60,14 @@ def dwa_weighting(prev_losses: jax.Array, prev_prev_losses: jax.Array, *,
   prev = as_vector(prev_losses, None, "prev_losses")
   t = prev.shape[0]
   prev_prev = as_vector(prev_prev_losses, t, "prev_prev_losses")
-  if not temperature > 0:
-    raise ValueError(f"`temperature` must be positive, got {temperature!r}.")
+  _check_temperature(temperature)
   positive = prev_prev > 0
   ratio = jnp.where(positive, prev / jnp.where(positive, prev_prev, 1), 1)
   return t * jax.nn.softmax(ratio / temperature)
+
+
+def _check_temperature(temperature) -> None:
+  check_scalar(temperature, "`temperature`", lambda v: v > 0, "positive")
 
 
 class DWAState(NamedTuple):
@@ -73,17 +79,19 @@ class DWAState(NamedTuple):
     history: ``(2, T)`` float32 mean losses of the last two complete periods
       (row 0 the most recent).
     periods: number of complete periods (int32, capped at 2).
+    weights: ``(T,)`` float32 weights applied to the weighted leaves at the
+      last step (zeros before the first update).
   """
   count: jax.Array
   loss_sum: jax.Array
   history: jax.Array
   periods: jax.Array
+  weights: jax.Array | None = None
 
 
 @documented
 def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
-        reduction: str = "sum", shared: SharedMask = None
-        ) -> optax.GradientTransformationExtraArgs:
+        reduction: str = "sum", shared: SharedMask = None) -> Aggregator:
   r"""Dynamic weight average (DWA): weight tasks by their loss descent rate.
 
   With :math:`\bar L(k)` the mean loss of period :math:`k` (a period is
@@ -116,7 +124,8 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
     shared: which leaves are weighted, as for :func:`pcgrad_optax.pcgrad`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a :class:`DWAState`;
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`DWAState`;
     ``update(grads, state, params=None, *, losses)`` needs the ``(T,)`` task
     losses (ValueError otherwise).
 
@@ -137,23 +146,24 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
     <https://arxiv.org/abs/1803.10704>`_, CVPR 2019.
   """
   check_reduction(reduction)
-  check_num_tasks(num_tasks)
-  if not temperature > 0:
-    raise ValueError(f"`temperature` must be positive, got {temperature!r}.")
-  if not isinstance(period, int) or isinstance(period, bool) or period < 1:
-    raise ValueError(f"`period` must be a positive int, got {period!r}.")
+  expected = check_num_tasks(num_tasks)   # None when traced
+  _check_temperature(temperature)
+  static_int(period, "`period`")   # a traced period is used as an array
 
   def init_fn(params):
     del params
+    t = init_num_tasks(expected, "dwa")
     return DWAState(count=jnp.zeros([], jnp.int32),
-                    loss_sum=jnp.zeros((num_tasks,), jnp.float32),
-                    history=jnp.ones((2, num_tasks), jnp.float32),
-                    periods=jnp.zeros([], jnp.int32))
+                    loss_sum=jnp.zeros((t,), jnp.float32),
+                    history=jnp.ones((2, t), jnp.float32),
+                    periods=jnp.zeros([], jnp.int32),
+                    weights=jnp.zeros((t,), jnp.float32))
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
                                        "dwa")
+    check_record(state.loss_sum, t, "dwa")
     losses = check_losses(losses, t, "dwa")
     weights = jnp.where(
         state.periods >= 2,
@@ -169,8 +179,9 @@ def dwa(*, num_tasks: int, temperature: float = 2.0, period: int = 1,
         count=optax.safe_increment(state.count),
         loss_sum=jnp.where(period_done, jnp.zeros_like(loss_sum), loss_sum),
         history=history,
-        periods=jnp.minimum(state.periods + period_done.astype(jnp.int32), 2))
+        periods=jnp.minimum(state.periods + period_done.astype(jnp.int32), 2),
+        weights=record(weights, None, state.weights, None, t, reduction)[0])
     return combine(leaves, treedef, mask, weights, reduction), \
         cast_like(new_state, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

@@ -14,10 +14,12 @@ import optax
 
 from pcgrad_optax._core.aggregate import combine, resolve
 from pcgrad_optax._core.checks import (as_vector, check_losses,
-                                       check_num_tasks, per_task)
+                                       check_num_tasks, init_num_tasks,
+                                       per_task)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import cast_like, documented
+from pcgrad_optax._core.transform import (Aggregator, cast_like,
+                                          check_record, documented, record)
 
 
 def famo_weighting(logits: jax.Array, losses: jax.Array, *,
@@ -75,11 +77,14 @@ class FAMOState(NamedTuple):
     prev_losses: ``(T,)`` float32 losses passed at the previous step.
     count: number of updates done so far (int32).
     opt_state: state of the optimiser of the logits.
+    weights: ``(T,)`` float32 weights applied to the weighted leaves at the
+      last step (zeros before the first update).
   """
   logits: jax.Array
   prev_losses: jax.Array
   count: jax.Array
   opt_state: optax.OptState
+  weights: jax.Array | None = None
 
 
 @documented
@@ -87,8 +92,7 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
          weight_decay: float = 0.01, min_losses: float | jax.Array = 0.0,
          eps: float = 1e-8,
          optimizer: optax.GradientTransformation | None = None,
-         reduction: str = "sum", shared: SharedMask = None
-         ) -> optax.GradientTransformationExtraArgs:
+         reduction: str = "sum", shared: SharedMask = None) -> Aggregator:
   r"""FAMO: fast adaptive multitask optimisation with learned logits.
 
   The update is the loss-gradient combination of
@@ -150,7 +154,8 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
     shared: which leaves are weighted, as for :func:`pcgrad_optax.pcgrad`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a :class:`FAMOState`;
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`FAMOState`;
     ``update(grads, state, params=None, *, losses, prev_batch_losses=None)``
     needs the ``(T,)`` task losses (ValueError otherwise).
 
@@ -178,26 +183,32 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
     <https://arxiv.org/abs/2306.03792>`_, NeurIPS 2023.
   """
   check_reduction(reduction)
-  check_num_tasks(num_tasks)
-  min_l = per_task(min_losses, num_tasks, "min_losses")
+  expected = check_num_tasks(num_tasks)   # None when traced
+  if expected is not None:
+    per_task(min_losses, expected, "min_losses")
   opt = optimizer if optimizer is not None else optax.sgd(learning_rate)
-
-  def log_shifted(losses):
-    return jnp.log(losses - min_l + eps)
 
   def init_fn(params):
     del params
-    logits = jnp.zeros((num_tasks,), jnp.float32)
+    t = init_num_tasks(expected, "famo")
+    logits = jnp.zeros((t,), jnp.float32)
     return FAMOState(logits=logits,
-                     prev_losses=jnp.zeros((num_tasks,), jnp.float32),
+                     prev_losses=jnp.zeros((t,), jnp.float32),
                      count=jnp.zeros([], jnp.int32),
-                     opt_state=opt.init(logits))
+                     opt_state=opt.init(logits),
+                     weights=jnp.zeros((t,), jnp.float32))
 
   def update_fn(updates, state, params=None, *, losses=None,
                 prev_batch_losses=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
                                        "famo")
+    check_record(state.logits, t, "famo")
+    min_l = per_task(min_losses, t, "min_losses")
+
+    def log_shifted(losses):
+      return jnp.log(losses - min_l + eps)
+
     losses = check_losses(losses, t, "famo")
     after = losses if prev_batch_losses is None else check_losses(
         prev_batch_losses, t, "famo", "prev_batch_losses")
@@ -216,10 +227,11 @@ def famo(*, num_tasks: int, learning_rate: float = 0.025,
     opt_state = jax.tree.map(lambda old, new: jnp.where(first, old, new),
                              state.opt_state, opt_state)
     weights = famo_weighting(logits, losses, min_losses=min_l, eps=eps)
-    new_state = FAMOState(logits=logits, prev_losses=losses,
-                          count=optax.safe_increment(state.count),
-                          opt_state=opt_state)
+    new_state = FAMOState(
+        logits=logits, prev_losses=losses,
+        count=optax.safe_increment(state.count), opt_state=opt_state,
+        weights=record(weights, None, state.weights, None, t, reduction)[0])
     return combine(leaves, treedef, mask, weights, reduction), \
         cast_like(new_state, state)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

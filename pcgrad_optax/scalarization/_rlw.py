@@ -16,7 +16,10 @@ import optax
 from pcgrad_optax._core.aggregate import combine, resolve
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import canonicalize_key, documented
+from pcgrad_optax._core.checks import check_num_tasks
+from pcgrad_optax._core.transform import (Aggregator, canonicalize_key,
+                                          check_record, check_record_args,
+                                          documented, init_record, record)
 
 RLW_DISTRIBUTIONS = ("normal", "uniform", "dirichlet")
 
@@ -59,8 +62,10 @@ def rlw_weighting(key: jax.Array, num_tasks: int, *,
     Weighting: A Litmus Test for Multi-Task Learning
     <https://arxiv.org/abs/2111.10603>`_, TMLR 2022.
   """
-  if not isinstance(num_tasks, int) or num_tasks < 1:
-    raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}.")
+  num_tasks = check_num_tasks(num_tasks)
+  if num_tasks is None:
+    raise ValueError("num_tasks must be a concrete positive int (it is the "
+                     "shape of the weights), got a traced value.")
   if distribution == "normal":
     return jax.nn.softmax(jax.random.normal(key, (num_tasks,), jnp.float32))
   if distribution == "uniform":
@@ -78,15 +83,19 @@ class RLWState(NamedTuple):
     key: typed PRNG key; step ``n`` draws its weights with
       ``pcgrad_optax.weighting.rlw(jax.random.fold_in(key, n), T)``.
     count: number of updates done so far (int32).
+    weights: with ``num_tasks``, the ``(T,)`` weights applied to the
+      weighted leaves at the last step (zeros before the first update);
+      else None.
   """
   key: jax.Array
   count: jax.Array
+  weights: jax.Array | None = None
 
 
 @documented
 def rlw(key: jax.Array | int = 0, *, distribution: str = "normal",
-        reduction: str = "sum", shared: SharedMask = None
-        ) -> optax.GradientTransformationExtraArgs:
+        reduction: str = "sum", shared: SharedMask = None,
+        num_tasks: int | None = None) -> Aggregator:
   r"""Random loss weighting (RLW): a fresh random convex combination per step.
 
   .. math::
@@ -110,9 +119,13 @@ def rlw(key: jax.Array | int = 0, *, distribution: str = "normal",
       ``"dirichlet"``.
     reduction: ``"sum"`` (the paper) or ``"mean"``.
     shared: which leaves are weighted, as for :func:`pcgrad_optax.pcgrad`.
+    num_tasks: optional T. Given, the state's ``weights`` keep the last
+      step's ``(T,)`` weights for logging; None (default) leaves them None
+      (``init`` only sees the params).
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a :class:`RLWState`.
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`RLWState`.
 
   Example:
     >>> import jax.numpy as jnp
@@ -134,16 +147,26 @@ def rlw(key: jax.Array | int = 0, *, distribution: str = "normal",
     raise ValueError(f"Unknown distribution {distribution!r}; expected one "
                      f"of {RLW_DISTRIBUTIONS}.")
 
+  records = check_record_args(num_tasks, False, "rlw")
+  expected = check_num_tasks(num_tasks) if records else None
+
   def init_fn(params):
-    del params
-    return RLWState(key=canonicalize_key(key), count=jnp.zeros([], jnp.int32))
+    weights = (init_record(params, num_tasks, False, "rlw")[0] if records
+               else None)
+    return RLWState(key=canonicalize_key(key), count=jnp.zeros([], jnp.int32),
+                    weights=weights)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, None, "rlw")
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
+                                       "rlw")
     weights = rlw_weighting(jax.random.fold_in(state.key, state.count), t,
                             distribution=distribution)
+    recorded = None
+    if records:
+      check_record(state.weights, t, "rlw")
+      recorded, _ = record(weights, None, state.weights, None, t, reduction)
     return combine(leaves, treedef, mask, weights, reduction), RLWState(
-        state.key, optax.safe_increment(state.count))
+        state.key, optax.safe_increment(state.count), recorded)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)

@@ -16,10 +16,12 @@ import optax
 
 from pcgrad_optax._core.aggregate import combine, resolve
 from pcgrad_optax._core.checks import (as_vector, check_losses,
-                                       check_num_tasks, per_task)
+                                       check_num_tasks, init_num_tasks,
+                                       per_task)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import cast_like, documented
+from pcgrad_optax._core.transform import (Aggregator, cast_like,
+                                          check_record, documented, record)
 
 UNCERTAINTY_TASK_TYPES = ("regression", "classification")
 
@@ -100,9 +102,12 @@ class UncertaintyState(NamedTuple):
   Attributes:
     log_vars: ``(T,)`` float32 learnable log-variances :math:`s_t`.
     opt_state: state of the optimiser of the log-variances.
+    weights: ``(T,)`` float32 weights applied to the weighted leaves at the
+      last step (zeros before the first update).
   """
   log_vars: jax.Array
   opt_state: optax.OptState
+  weights: jax.Array | None = None
 
 
 @documented
@@ -111,7 +116,7 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
                 init_log_vars: float | jax.Array = 0.0,
                 optimizer: optax.GradientTransformation | None = None,
                 reduction: str = "sum", shared: SharedMask = None
-                ) -> optax.GradientTransformationExtraArgs:
+                ) -> Aggregator:
   r"""Uncertainty weighting (Kendall et al., 2018) with learnable log-variances.
 
   The task weights are :math:`a_t e^{-s_t}` (see
@@ -154,8 +159,8 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
     shared: which leaves are weighted, as for :func:`pcgrad_optax.pcgrad`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a
-    :class:`UncertaintyState`; ``update(grads, state, params=None, *,
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with a :class:`UncertaintyState`; ``update(grads, state, params=None, *,
     losses)`` needs the ``(T,)`` task losses (ValueError otherwise).
 
   Example:
@@ -177,19 +182,25 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
     <https://arxiv.org/abs/1705.07115>`_, CVPR 2018.
   """
   check_reduction(reduction)
-  check_num_tasks(num_tasks)
-  weight_factor, reg_factor = _uncertainty_factors(task_types, num_tasks)
-  init_s = per_task(init_log_vars, num_tasks, "init_log_vars")
+  expected = check_num_tasks(num_tasks)   # None when traced
+  if expected is not None:
+    _uncertainty_factors(task_types, expected)
+    per_task(init_log_vars, expected, "init_log_vars")
   opt = optimizer if optimizer is not None else optax.sgd(learning_rate)
 
   def init_fn(params):
     del params
-    return UncertaintyState(log_vars=init_s, opt_state=opt.init(init_s))
+    t = init_num_tasks(expected, "uncertainty")
+    init_s = per_task(init_log_vars, t, "init_log_vars")
+    return UncertaintyState(log_vars=init_s, opt_state=opt.init(init_s),
+                            weights=jnp.zeros((t,), jnp.float32))
 
   def update_fn(updates, state, params=None, *, losses=None, **extra_args):
     del extra_args
-    leaves, treedef, mask, t = resolve(updates, params, shared, num_tasks,
+    leaves, treedef, mask, t = resolve(updates, params, shared, expected,
                                        "uncertainty")
+    check_record(state.log_vars, t, "uncertainty")
+    weight_factor, reg_factor = _uncertainty_factors(task_types, t)
     losses = check_losses(losses, t, "uncertainty")
     log_vars = state.log_vars
     weights = uncertainty_weighting(log_vars, task_types=task_types)
@@ -198,7 +209,9 @@ def uncertainty(*, num_tasks: int, learning_rate: float = 1e-2,
     step, opt_state = opt.update(grad_s, state.opt_state, log_vars)
     new_log_vars = optax.apply_updates(log_vars, step)
     return combine(leaves, treedef, mask, weights, reduction), \
-        UncertaintyState(cast_like(new_log_vars, log_vars),
-                         cast_like(opt_state, state.opt_state))
+        UncertaintyState(
+            cast_like(new_log_vars, log_vars),
+            cast_like(opt_state, state.opt_state),
+            record(weights, None, state.weights, None, t, reduction)[0])
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return Aggregator(init_fn, update_fn)
