@@ -34,7 +34,9 @@ PUBLIC = {
         "weighted_sum", "weighting",
         # Issue 13.
         "CRMOGMState", "constant", "cr_mogm", "fairgrad", "krum",
-        "trimmed_mean"],
+        "trimmed_mean",
+        # Issue 15.
+        "value_and_aggregate"],
     "pcgrad_optax.weighting": [
         "aligned_mtl", "cagrad", "check_gram", "config", "dualproj", "dwa",
         "famo", "gradvac", "imtl_g", "mean", "mgda", "nash_mtl", "pcgrad",
