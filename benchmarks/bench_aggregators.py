@@ -42,6 +42,14 @@ to the cost (between 3 and ``--rounds``). Calls predicted (from the smaller
 T, by T^2) to take over ``--max-call`` seconds are skipped and say so; so is
 an implementation whose temporaries would not fit in the free memory.
 
+The stateful, loss-based and two-batch methods of issue 13 (ExcessMTL,
+MoCo, DB-MTL, GradNorm, SDMGrad, MoDo) are timed too (ours with their
+``losses=`` / ``second_grads=`` arguments; torchjd's ExcessMTL, and its
+SDMGrad and MoDo weightings on ``J J^T`` applied to ``J``) and stepped side
+by side with torchjd and LibMTL over five steps in the cross-check. LibMTL
+1.1.5 (PyPI) has only GradNorm of them; ``LIBMTL_SRC=<a LibMTL checkout>``
+loads the others from its ``LibMTL/weighting/``.
+
 Before timing, a cross-check on small data: for each method whose peers are
 deterministic, the max difference of the updates relative to the peer's
 largest entry, with matched hyper-parameters. Differences there are
@@ -122,10 +130,13 @@ def load_libmtl():
   torchvision; the weighting classes need only torch and numpy. Returns None
   when LibMTL is not installed.
   """
-  spec = importlib.util.find_spec("LibMTL")
-  if spec is None:
-    return None
-  root = spec.submodule_search_locations[0]
+  if "LibMTL" in sys.modules:        # loaded (stubbed) by an earlier call
+    root = list(sys.modules["LibMTL"].__path__)[0]
+  else:
+    spec = importlib.util.find_spec("LibMTL")
+    if spec is None:
+      return None
+    root = spec.submodule_search_locations[0]
   for name, path in (("LibMTL", root),
                      ("LibMTL.weighting", os.path.join(root, "weighting"))):
     if name not in sys.modules:
@@ -205,7 +216,45 @@ def methods(num_tasks: int) -> dict:
       "graddrop": (lambda: px.graddrop(0), jd.GradDrop,
                    "representation gradients only"),
       "rlw": (lambda: px.rlw(0), jd.Random, "loss-level only"),
+      **issue13_methods(num_tasks),
   }
+
+
+def issue13_methods(num_tasks: int) -> dict:
+  """FairGrad, Krum, the trimmed mean, constant weights, CR-MOGM.
+
+  Matched hyper-parameters: FairGrad alpha = 1 without our ridge (torchjd
+  solves the equation with SciPy's least_squares); Krum with f = 1 scoring
+  by distances (torchjd's convention; squared distances are the paper's
+  and our default); CR-MOGM around UPGrad with beta = torchjd's alpha = 0.9
+  (both the decay of the previous weights), stepped side by side in
+  ``cross_check``. Krum needs T >= 4 and the trimmed mean T >= 3. None of
+  them is in LibMTL 1.1.5.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from torchjd import aggregation as jd  # pylint: disable=g-import-not-at-top
+  px = pcgrad_optax
+  weights = np.linspace(0.5, 1.5, num_tasks).astype(np.float32)
+  out = {
+      "fairgrad": (lambda: px.fairgrad(1.0, ridge=0.0),
+                   lambda: jd.FairGrad(alpha=1.0), "not in LibMTL 1.1.5"),
+      "constant": (lambda: px.constant(weights),
+                   lambda: jd.Constant(torch.from_numpy(weights)),
+                   "loss-level only (EW)"),
+      "cr_mogm": (lambda: px.cr_mogm(px.weighting.upgrad, 0.9,
+                                     num_tasks=num_tasks),
+                  lambda: jd.GramianWeightedAggregator(
+                      jd.CRMOGMWeighting(jd.UPGradWeighting(), alpha=0.9)),
+                  "not in LibMTL"),
+  }
+  if num_tasks >= 3:
+    out["trimmed_mean"] = (lambda: px.trimmed_mean(1),
+                           lambda: jd.TrimmedMean(trim_number=1),
+                           "not in LibMTL")
+  if num_tasks >= 4:
+    out["krum"] = (lambda: px.krum(1, squared=False),
+                   lambda: jd.Krum(n_byzantine=1), "not in LibMTL")
+  return out
 
 
 # Extra (T, P) float32 buffers an implementation allocates beyond its input,
@@ -217,6 +266,44 @@ _TEMPORARY_COPIES = {
     ("LibMTL", "PCGrad"): 1, ("LibMTL", "GradVac"): 1,
     ("LibMTL", "IMTL"): 4, ("LibMTL", "MGDA"): 1,
 }
+
+
+# Issue 13's stateful, loss-based and two-batch methods in the timing: name:
+# (our factory of T, the extra update arguments from the stacked gradients,
+# torchjd's runner on the (T, P) matrix or None, the LibMTL cell's text).
+# The second batch is the same arrays (the cost is that of a distinct one);
+# their LibMTL versions are cross-checked, not timed.
+def stateful_methods(num_tasks: int) -> dict:
+  from torchjd import aggregation as jd  # pylint: disable=g-import-not-at-top
+  px, t = pcgrad_optax, num_tasks
+  losses = np.linspace(0.5, 2.0, t).astype(np.float32)
+  not_timed = "cross-checked, not timed"
+
+  def two_batch(weighting):
+    return lambda m: weighting(m @ m.T) @ m
+
+  return {
+      "excess_mtl": (lambda: px.excess_mtl(num_tasks=t), lambda g: {},
+                     jd.ExcessMTL, not_timed),
+      "moco": (lambda: px.moco(num_tasks=t), lambda g: {}, None, not_timed),
+      "db_mtl": (lambda: px.db_mtl(num_tasks=t),
+                 lambda g: {"losses": losses}, None, not_timed),
+      "gradnorm": (lambda: px.gradnorm(num_tasks=t),
+                   lambda g: {"losses": losses}, None, not_timed),
+      "sdmgrad": (lambda: px.sdmgrad(num_tasks=t),
+                  lambda g: {"second_grads": g, "third_grads": g},
+                  lambda: two_batch(jd.SDMGradWeighting()), not_timed),
+      "modo": (lambda: px.modo(num_tasks=t),
+               lambda g: {"second_grads": g, "third_grads": g},
+               lambda: two_batch(jd.MoDoWeighting()), not_timed),
+  }
+
+
+# Their (T, P) state and its new value, beside the input.
+_TEMPORARY_COPIES.update({
+    ("ours", "excess_mtl"): 3, ("ours", "moco"): 3, ("ours", "db_mtl"): 3,
+    ("torchjd", "excess_mtl"): 3,
+})
 
 
 def mem_available() -> float:
@@ -287,6 +374,30 @@ def build(num_tasks, matrix, stacked, libmtl, prev_times, max_call):
         continue
       fns[label] = (libmtl_aggregator(libmtl[cls_name], tmatrix, **kwargs),
                     ())
+  for name, (ours, extra, theirs, _) in stateful_methods(num_tasks).items():
+    tx = ours()
+    if fits("ours", name):
+      kwargs = extra(grads)
+      fns[f"ours {name}"] = (block(jax.jit(
+          lambda g, s, kw, tx=tx: tx.update(g, s, params, **kw))),
+                             (grads, tx.init(params), kwargs))
+    else:
+      skipped[f"ours {name}"] = "memory"
+    if theirs is None:
+      continue
+    label = f"torchjd {name}"
+    agg = theirs()
+
+    def run_torchjd(m, agg=agg):
+      with torch.no_grad():
+        return agg(m)
+
+    if not fits("torchjd", name):
+      skipped[label] = "memory"
+    elif too_slow(label):
+      skipped[label] = too_slow(label)
+    else:
+      fns[label] = (run_torchjd, (tmatrix,))
   return fns, skipped
 
 
@@ -305,6 +416,10 @@ def cross_check(libmtl, num_tasks: int = 5, seed: int = 1) -> dict:
     for name, (ours, theirs, lib) in methods(t).items():
       if name in ("pcgrad", "graddrop", "rlw") or (name == "gradvac" and t > 2):
         continue        # random: pcgrad is checked by bench_pcgrad.py
+      if name == "cr_mogm":   # stateful: three steps side by side
+        err = stepped_cross_check(ours, theirs, t, seed, params)
+        out[(name, "torchjd")] = max(out.get((name, "torchjd"), 0.0), err)
+        continue
       tx = ours()
       update, _ = jax.jit(tx.update)(stacked, tx.init(params))
       mine = np.concatenate([np.asarray(update[k]).ravel()
@@ -317,6 +432,7 @@ def cross_check(libmtl, num_tasks: int = 5, seed: int = 1) -> dict:
       for peer, value in peers.items():
         err = float(np.abs(mine - value).max() / np.abs(value).max())
         out[(name, peer)] = max(out.get((name, peer), 0.0), err)
+  out.update(stateful_cross_check(libmtl))
   return out
 
 
@@ -446,6 +562,249 @@ def cross_check_loss_level(libmtl, num_tasks: int = 3, steps: int = 6,
   return out
 
 
+# --- Issue 13: the stateful, loss-based and two-batch methods ---------------
+# ExcessMTL, MoCo, DB-MTL, GradNorm, SDMGrad and MoDo are stepped side by side
+# with the peers over a sequence of steps (new gradients, losses and batches
+# each step), at matched hyper-parameters and conventions. LibMTL's PyPI
+# release (1.1.5) has GradNorm only; the others are in LibMTL's repository:
+# set LIBMTL_SRC to a checkout (the directory holding LibMTL/weighting/) to
+# load them from there (their AbsWeighting is the installed one's; every
+# gradient and write-back method it has is replaced below anyway).
+
+STATEFUL_LIBMTL = ("ExcessMTL", "MoCo", "DB_MTL", "GradNorm", "SDMGrad",
+                   "MoDo")
+
+
+class _NumpyWithAlltrue(types.ModuleType):
+  """numpy for LibMTL's SDMGrad, which calls np.alltrue (gone in numpy 2)."""
+
+  def __getattr__(self, name):
+    return np.all if name == "alltrue" else getattr(np, name)
+
+
+def load_libmtl_stateful(libmtl):
+  """``{class name: class}`` for STATEFUL_LIBMTL, installed or LIBMTL_SRC."""
+  if libmtl is None:
+    return {}
+  found = {}
+  source = os.environ.get("LIBMTL_SRC")
+  for name in STATEFUL_LIBMTL:
+    try:
+      module = importlib.import_module(f"LibMTL.weighting.{name}")
+    except ImportError:
+      path = source and os.path.join(source, "LibMTL", "weighting",
+                                     f"{name}.py")
+      if not path or not os.path.exists(path):
+        continue
+      spec = importlib.util.spec_from_file_location(
+          f"LibMTL.weighting.{name}", path)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+    if name == "SDMGrad" and not hasattr(np, "alltrue"):
+      module.np = _NumpyWithAlltrue("numpy")
+    found[name] = getattr(module, name)
+  return found
+
+
+def _flat(update) -> np.ndarray:
+  return np.concatenate([np.asarray(update[k], np.float64).ravel()
+                         for k in sorted(update)])
+
+
+def _libmtl_stepper(cls, num_tasks, grad_dim):
+  """LibMTL's ``cls`` on given per-task matrices: a callable per step.
+
+  ``step(matrices, losses, **kwargs)`` hands ``backward`` the matrices in
+  the order it gathers them (one per batch), returns the aggregated vector
+  it would write into the shared params' ``.grad`` (or, for the methods
+  that backpropagate weighted losses instead, ``weights @ matrix``) and the
+  weights it returns.
+  """
+  torch = torch_setup()
+
+  class OnFixedGradients(cls):
+
+    def __init__(self):
+      super().__init__()
+      self.task_num, self.device, self.rep_grad = num_tasks, "cpu", False
+      self.epoch, self.decoders = 1, {}
+      self.encoder = torch.nn.Linear(1, 1)
+      self.grad_dim = grad_dim
+      self.init_param()
+      self.feed, self.aggregated = [], None
+
+    def _compute_grad_dim(self):
+      self.grad_dim = grad_dim
+
+    def _compute_grad(self, losses, mode, rep_grad=False):
+      del losses, mode, rep_grad
+      return self.feed.pop(0).clone()
+
+    def _reset_grad(self, new_grads):
+      self.aggregated = new_grads
+
+  weighting = OnFixedGradients()
+
+  def step(matrices, losses, **kwargs):
+    weighting.feed = [torch.from_numpy(m) for m in matrices]
+    weighting.aggregated = None
+    out = weighting.backward(losses, **kwargs)
+    return weighting, out
+
+  return weighting, step
+
+
+def stateful_cross_check(libmtl, num_tasks: int = 4, steps: int = 5,
+                         seed: int = 3) -> dict:
+  """Max |ours - peer| / max |peer| over a sequence of steps, per method."""
+  torch = torch_setup()
+  from torchjd import aggregation as jd  # pylint: disable=g-import-not-at-top
+  classes = load_libmtl_stateful(libmtl)
+  t = num_tasks
+  rng = np.random.default_rng(seed)
+  data = [[make_data(t, model_leaves(25_000), seed + 100 * k + b)
+           for b in range(3)] for k in range(steps)]
+  params = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype),
+                        data[0][0][1])
+  losses = [np.asarray(rng.uniform(0.5, 2.0, t), np.float32)
+            for _ in range(steps)]
+  p = data[0][0][0].shape[1]
+  out = {}
+
+  def record(name, peer, mine, theirs):
+    err = float(np.abs(mine - theirs).max() / np.abs(theirs).max())
+    out[(name, peer)] = max(out.get((name, peer), 0.0), err)
+
+  def ours(tx, kwargs_of):
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    results = []
+    for k in range(steps):
+      u, state = update(data[k][0][1], state, params, **kwargs_of(k))
+      results.append(_flat(u))
+    return results
+
+  two_batch = lambda k: {"second_grads": data[k][1][1],
+                         "third_grads": data[k][2][1]}
+  with_losses = lambda k: {"losses": losses[k]}
+
+  # ExcessMTL: torchjd (weights on the simplex; n_warmup_steps=1 is our
+  # warmup_steps=1) and LibMTL (weights summing to T: T times our update).
+  mine = ours(pcgrad_optax.excess_mtl(num_tasks=t, step_size=0.5),
+              lambda k: {})
+  agg = jd.ExcessMTL(robust_step_size=0.5, n_warmup_steps=1)
+  with torch.no_grad():
+    for k in range(steps):
+      record("excess_mtl", "torchjd", mine[k],
+             agg(torch.from_numpy(data[k][0][0])).numpy())
+  if "ExcessMTL" in classes:
+    _, step = _libmtl_stepper(classes["ExcessMTL"], t, p)
+    for k in range(steps):
+      tl = torch.tensor(losses[k], requires_grad=True)
+      _, w = step([data[k][0][0]], tl, robust_step_size=0.5)
+      record("excess_mtl", "LibMTL", t * mine[k], w @ data[k][0][0])
+
+  # MoCo: LibMTL's convention (softmax weights, loss-scaled unit gradients).
+  if "MoCo" in classes:
+    mine = ours(pcgrad_optax.moco(num_tasks=t, weight_update="softmax",
+                                  normalize=True), with_losses)
+    _, step = _libmtl_stepper(classes["MoCo"], t, p)
+    for k in range(steps):
+      weighting, _ = step([data[k][0][0]], torch.from_numpy(losses[k]),
+                          MoCo_beta=0.5, MoCo_beta_sigma=0.5, MoCo_gamma=0.1,
+                          MoCo_gamma_sigma=0.5, MoCo_rho=0.0)
+      record("moco", "LibMTL", mine[k], weighting.aggregated.numpy())
+
+  # DB-MTL: LibMTL's defaults beta = 0.9, sigma = 0. LibMTL's backward
+  # gathers the gradients of log(L + 1e-8): g / (L + 1e-8).
+  if "DB_MTL" in classes:
+    mine = ours(pcgrad_optax.db_mtl(num_tasks=t), with_losses)
+    _, step = _libmtl_stepper(classes["DB_MTL"], t, p)
+    for k in range(steps):
+      scaled = data[k][0][0] / (losses[k][:, None] + 1e-8)
+      weighting, _ = step([scaled.astype(np.float32)],
+                          torch.from_numpy(losses[k]), DB_beta=0.9,
+                          DB_beta_sigma=0.0)
+      record("db_mtl", "LibMTL", mine[k], weighting.aggregated.numpy())
+
+  # GradNorm: LibMTL's T softmax(xi) weights stepped by plain SGD (LibMTL
+  # leaves the step to the model's optimiser), L(0) = the first losses.
+  if "GradNorm" in classes:
+    lr = 0.05
+    mine = ours(pcgrad_optax.gradnorm(1.5, num_tasks=t, learning_rate=lr,
+                                      parametrization="softmax"),
+                with_losses)
+    weighting, step = _libmtl_stepper(classes["GradNorm"], t, p)
+    weighting.train_loss_buffer = np.asarray(losses[0], np.float64)[:, None]
+    for k in range(steps):
+      weighting, _ = step([data[k][0][0]], torch.from_numpy(losses[k]),
+                          alpha=1.5)
+      with torch.no_grad():
+        weighting.loss_scale -= lr * weighting.loss_scale.grad
+        weighting.loss_scale.grad = None
+      record("gradnorm", "LibMTL", mine[k], weighting.aggregated.numpy())
+
+  # SDMGrad: torchjd's weights (lr 10, the authors') on the cross matrix,
+  # applied to the third batch; LibMTL hard-codes lr = 5.
+  mine = ours(pcgrad_optax.sdmgrad(num_tasks=t), two_batch)
+  agg = jd.SDMGradWeighting(lr=10.0, momentum=0.5, n_iter=20, lambda_=0.3)
+  with torch.no_grad():
+    for k in range(steps):
+      j1, j2, j3 = (torch.from_numpy(data[k][b][0]) for b in range(3))
+      record("sdmgrad", "torchjd", mine[k], (agg(j1 @ j2.T) @ j3).numpy())
+  if "SDMGrad" in classes:
+    mine = ours(pcgrad_optax.sdmgrad(num_tasks=t, learning_rate=5.0),
+                two_batch)
+    _, step = _libmtl_stepper(classes["SDMGrad"], t, p)
+    for k in range(steps):
+      # LibMTL gathers zeta (the update's batch) first, then xi, xi'.
+      weighting, _ = step([data[k][2][0], data[k][0][0], data[k][1][0]],
+                          torch.ones(3, t), SDMGrad_lamda=0.3,
+                          SDMGrad_niter=20)
+      record("sdmgrad", "LibMTL", mine[k], weighting.aggregated.numpy())
+
+  # MoDo: lambda from J1 J2^T, the update on the third batch.
+  mine = ours(pcgrad_optax.modo(num_tasks=t, step_size=0.01, rho=0.1),
+              two_batch)
+  agg = jd.MoDoWeighting(gamma=0.01, rho=0.1)
+  with torch.no_grad():
+    for k in range(steps):
+      j1, j2, j3 = (torch.from_numpy(data[k][b][0]) for b in range(3))
+      record("modo", "torchjd", mine[k], (agg(j1 @ j2.T) @ j3).numpy())
+  if "MoDo" in classes:
+    _, step = _libmtl_stepper(classes["MoDo"], t, p)
+    for k in range(steps):
+      weighting, _ = step([data[k][b][0] for b in range(3)],
+                          torch.ones(3, t), MoDo_gamma=0.01, MoDo_rho=0.1)
+      record("modo", "LibMTL", mine[k], weighting.aggregated.numpy())
+  return out
+
+
+def stepped_cross_check(ours, theirs, num_tasks, seed, params,
+                        steps: int = 3) -> float:
+  """Max relative difference over ``steps`` updates of a stateful method.
+
+  Ours and the peer's aggregator (holding its own state) see the same
+  sequence of stacked gradients.
+  """
+  torch = torch_setup()
+  tx, agg = ours(), theirs()
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  worst = 0.0
+  for k in range(steps):
+    matrix, stacked = make_data(num_tasks, model_leaves(25_000),
+                                seed + 100 * k)
+    update, state = step(stacked, state)
+    mine = np.concatenate([np.asarray(update[key]).ravel()
+                           for key in sorted(update)])
+    with torch.no_grad():
+      value = agg(torch.from_numpy(matrix)).numpy()
+    worst = max(worst, float(np.abs(mine - value).max()
+                             / np.abs(value).max()))
+  return worst
+
+
 def versions() -> str:
   found = []
   for name in ["jax", "jaxlib", "optax", "torch", "torchjd", "LibMTL",
@@ -499,7 +858,9 @@ def fastest_peer(cell, name):
 
 def tables(cells, names, libmtl) -> list:
   lines = []
-  libmtl_entries = {name: entry[2] for name, entry in methods(2).items()}
+  libmtl_entries = {name: entry[2] for name, entry in methods(8).items()}
+  libmtl_entries.update({name: entry[3] for name, entry in
+                         stateful_methods(2).items()})
   # Summary: ours / fastest peer, one column per cell.
   head = [f"T={c['T']}, P={c['P'] / 1e6:.3g}M" for c in cells]
   lines += ["| method | " + " | ".join(head) + " |",
@@ -612,7 +973,8 @@ def main(argv=None):
     out = args.out or os.path.join(RESULTS, "aggregators.md")
     with open(args.json or os.path.splitext(out)[0] + ".json") as f:
       cells = json.load(f)["cells"]
-    plot(cells, list(methods(2)), os.path.splitext(out)[0] + ".png")
+    plot(cells, list(methods(2)) + list(stateful_methods(2)),
+         os.path.splitext(out)[0] + ".png")
     return
   if args.quick:
     args.tasks, args.params, args.rounds = [2, 8], [2e4], 3
@@ -657,7 +1019,7 @@ def main(argv=None):
           f"{k} {v * 1e3:.1f}" for k, v in cell["times"].items())
             + (f"; skipped {cell['skipped']}" if cell["skipped"] else ""),
             flush=True)
-  names = list(methods(2))
+  names = list(methods(8)) + list(stateful_methods(2))   # T >= 4 (Krum)
   body = tables(cells, names, libmtl)
   print("\n".join(body))
   if args.out is None:

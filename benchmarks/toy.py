@@ -88,15 +88,23 @@ KNOWN_AGGREGATORS = (
     ("geometric_mean", {}),
     ("cosmos", {"lambda_": 1.0}),
     ("pbi", {}),
+    # Issue 13: FairGrad (alpha = 1) and CR-MOGM around MGDA.
+    ("fairgrad", {}),
+    ("cr_mogm", {"weighting": pcgrad_optax.weighting.mgda, "beta": 0.9}),
 )
-# Not aggregators, or (sum, mean) the linear baselines that Adam on the mean
-# loss already covers (Adam is invariant to the loss scale).
+# Not aggregators, or (sum, mean, constant) the linear baselines that Adam
+# on the mean loss already covers (Adam is invariant to the loss scale; the
+# toy's tasks have no tuned weights), or methods the two-task toy cannot run
+# (Krum needs T >= 3 + num_byzantine, the trimmed mean T >= 3).
 NOT_AGGREGATORS = {"gram_matrix", "weighted_sum", "task_value_and_grad",
-                   "multi_steps", "sum", "mean"}
+                   "multi_steps", "sum", "mean", "constant", "krum",
+                   "trimmed_mean"}
 
 
 def label(name: str, kwargs: dict) -> str:
-  args = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+  def show(v):   # a weighting by its method's name
+    return v.__name__.removesuffix("_weighting") if callable(v) else v
+  args = ", ".join(f"{k}={show(v)}" for k, v in kwargs.items())
   return f"{name}({args})" if args else name
 
 

@@ -27,6 +27,7 @@ from pcgrad_optax._core.weighted_sum import weighted_sum
 from pcgrad_optax._multi_steps import MultiStepsState
 from pcgrad_optax._multi_steps import multi_steps
 from pcgrad_optax._task_value_and_grad import task_value_and_grad
+from pcgrad_optax._value_and_aggregate import value_and_aggregate
 # Every method's transformation and state type, under its own name (each
 # subpackage lists them in __all__).
 from pcgrad_optax.aggregation import *  # noqa: F401,F403
@@ -48,6 +49,7 @@ __all__ = (
     "scalarization",
     "sharding",
     "task_value_and_grad",
+    "value_and_aggregate",
     "weighted_sum",
     "weighting",
 ) + tuple(aggregation.__all__) + tuple(scalarization.__all__)

@@ -66,7 +66,10 @@ __all__ = [
 # The package's state types that record the last step's weights (and Gram).
 _RECORDING_STATES = frozenset({
     "GramState", "PCGradState", "GradVacState", "RLWState", "DWAState",
-    "FAMOState", "UncertaintyState", "IMTLLState", "STCHState"})
+    "FAMOState", "UncertaintyState", "IMTLLState", "STCHState",
+    # Issue 13's stateful gradient-level methods.
+    "ExcessMTLState", "MoCoState", "DBMTLState", "GradNormState",
+    "SDMGradState", "MoDoState"})
 
 
 def task_norms(gram: jax.Array) -> jax.Array:
@@ -307,7 +310,10 @@ def task_weights(opt_state: Any) -> jax.Array:
   ``opt_state``, e.g. the state of ``optax.chain(pcgrad_optax.mgda(
   num_tasks=T), optax.adam(1e-3))``: the ``(T,)`` weights applied to the
   shared leaves at the last update (GradVac: ``(G, T)``, one row per
-  parameter group); zeros before the first update.
+  parameter group); zeros before the first update. Unlike
+  ``optax.tree_utils.tree_get(opt_state, "weights")`` it only looks at the
+  package's state types, so a parameter named ``weights`` (a dict key in
+  Adam's params-shaped moments) does not get in the way.
 
   Args:
     opt_state: an optimizer state holding one pcgrad_optax transformation's

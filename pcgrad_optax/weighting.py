@@ -18,17 +18,29 @@ from pcgrad_optax.aggregation._aligned_mtl import (
     aligned_mtl_weighting as aligned_mtl)
 from pcgrad_optax.aggregation._cagrad import cagrad_weighting as cagrad
 from pcgrad_optax.aggregation._config import config_weighting as config
+from pcgrad_optax.aggregation._db_mtl import db_mtl_weighting as db_mtl
 from pcgrad_optax.aggregation._dualproj import dualproj_weighting as dualproj
+from pcgrad_optax.aggregation._excess_mtl import (
+    excess_mtl_weighting as excess_mtl)
+from pcgrad_optax.aggregation._gradnorm import gradnorm_weighting as gradnorm
 from pcgrad_optax.aggregation._gradvac import gradvac_weighting as gradvac
 from pcgrad_optax.aggregation._imtl_g import imtl_g_weighting as imtl_g
 from pcgrad_optax.aggregation._mean import mean_weighting as mean
 from pcgrad_optax.aggregation._mgda import mgda_weighting as mgda
+from pcgrad_optax.aggregation._moco import moco_weighting as moco
+from pcgrad_optax.aggregation._modo import modo_weighting as modo
 from pcgrad_optax.aggregation._nash_mtl import nash_mtl_weighting as nash_mtl
 from pcgrad_optax.aggregation._pcgrad import pcgrad_weighting as pcgrad
 from pcgrad_optax.aggregation._pcgrad import random_orders
+from pcgrad_optax.aggregation._sdmgrad import sdmgrad_weighting as sdmgrad
 from pcgrad_optax.aggregation._sum import sum_weighting as sum  # noqa: A004
 from pcgrad_optax.aggregation._upgrad import upgrad_weighting as upgrad
 from pcgrad_optax.scalarization._dwa import dwa_weighting as dwa
+# Issue 13: FairGrad, Krum, constant weights, CR-MOGM.
+from pcgrad_optax.aggregation._constant import constant_weighting as constant
+from pcgrad_optax.aggregation._cr_mogm import cr_mogm_weighting as cr_mogm
+from pcgrad_optax.aggregation._fairgrad import fairgrad_weighting as fairgrad
+from pcgrad_optax.aggregation._krum import krum_weighting as krum
 from pcgrad_optax.scalarization._famo import famo_weighting as famo
 from pcgrad_optax.scalarization._rlw import rlw_weighting as rlw
 from pcgrad_optax.scalarization._uncertainty import (
@@ -46,17 +58,23 @@ __all__ = [
     "cagrad",
     "check_gram",
     "config",
+    "db_mtl",
     "dualproj",
     "dwa",
+    "excess_mtl",
     "famo",
+    "gradnorm",
     "gradvac",
     "imtl_g",
     "mean",
     "mgda",
+    "moco",
+    "modo",
     "nash_mtl",
     "pcgrad",
     "random_orders",
     "rlw",
+    "sdmgrad",
     "sum",
     "uncertainty",
     "upgrad",
@@ -66,4 +84,9 @@ __all__ = [
     "imtl_l",
     "pbi",
     "stch",
+    # Issue 13.
+    "constant",
+    "cr_mogm",
+    "fairgrad",
+    "krum",
 ]

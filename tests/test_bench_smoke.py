@@ -31,6 +31,27 @@ def test_pcgrad_update_matches_torchjd(bench, num_tasks):
   assert bench.check_against_torchjd(num_tasks) < 1e-5
 
 
+def test_stateful_methods_match_torchjd_and_libmtl():
+  # Issue 13's stateful, loss-based and two-batch methods, stepped side by
+  # side with the peers over five steps. LibMTL 1.1.5 (PyPI) has GradNorm
+  # only; the others run when LIBMTL_SRC points at a LibMTL checkout.
+  path = os.path.join(os.path.dirname(_BENCH), "bench_aggregators.py")
+  spec = importlib.util.spec_from_file_location("bench_aggregators", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  libmtl = module.load_libmtl()
+  errors = module.stateful_cross_check(libmtl)
+  expected = {("excess_mtl", "torchjd"), ("sdmgrad", "torchjd"),
+              ("modo", "torchjd")}
+  names = {"ExcessMTL": "excess_mtl", "MoCo": "moco", "DB_MTL": "db_mtl",
+           "GradNorm": "gradnorm", "SDMGrad": "sdmgrad", "MoDo": "modo"}
+  for cls in module.load_libmtl_stateful(libmtl):
+    expected.add((names[cls], "LibMTL"))
+  assert set(errors) == expected
+  for key, err in errors.items():
+    assert err < 1e-4, (key, err)
+
+
 def test_aggregators_match_torchjd_and_libmtl():
   # benchmarks/bench_aggregators.py's cross-check: every deterministic method
   # against torchjd (and LibMTL where installed), matched hyper-parameters.
@@ -44,6 +65,9 @@ def test_aggregators_match_torchjd_and_libmtl():
   assert {name for name, _ in errors} >= {
       "mean", "sum", "mgda", "cagrad", "imtl_g", "upgrad", "dualproj",
       "aligned_mtl", "config", "nash_mtl", "gradvac"}
+  # Issue 13 (CR-MOGM around UPGrad stepped three times side by side).
+  assert {name for name, _ in errors} >= {
+      "fairgrad", "krum", "trimmed_mean", "constant", "cr_mogm"}
   for (name, peer), err in errors.items():
     # torchjd's MGDA stops at a 1e-3 tolerance; ours is exact. UPGrad,
     # DualProj and ConFIG differ by the peers' QP / pinv tolerances.

@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import pcgrad_optax
-from contract import CONTRACT_CHECKS, Spec
+from contract import CONTRACT_CHECKS, OPTAX_T, Spec, stacked_grads
 
 # The task counts the contract's checks use. gradvac, uncertainty, dwa and
 # famo allocate per-task state at init (where only params are seen), so they
@@ -82,9 +82,36 @@ def pcgrad_if_finite(max_consecutive_errors, *, num_tasks=None,
       max_consecutive_errors)
 
 
+def _constant_weights(t):
+  return np.linspace(0.5, 1.0, t) if t > 1 else np.ones(1)
+
+
+def constant_per_task_count():
+  """Constant weights of length T, one transform per task count."""
+  make = per_task_count(lambda num_tasks, **kw: pcgrad_optax.constant(
+      _constant_weights(num_tasks), num_tasks=num_tasks, **kw))
+  # The optax checks (OPTAX_T tasks) build the factory itself.
+  make.factory = pcgrad_optax.constant
+  make.kwargs = {"weights": _constant_weights(OPTAX_T)}
+  return make
+
+
 def task_losses(t):
   # Positive, distinct losses so every loss-based weighting is exercised.
   return {"losses": np.linspace(0.5, 2.0, t).astype(np.float32)}
+
+
+def second_batch(t):
+  # SDMGrad and MoDo take a second batch's stacked gradients. The checks
+  # with expectations on the update (heads = their plain sum, identity at
+  # T = 1) build their gradients from seed 0, so this is the same batch and
+  # the update (the mean of the two batches) keeps them. The other checks
+  # (other seeds, bf16/f16/f64 gradients, per-task clipping inside
+  # aggregating.process, which does not touch extra arguments) compare the
+  # transformation with itself, fed this same f32 batch: any fixed second
+  # batch serves them. Independent batches, and a second batch clipped by
+  # the caller in process, are tested in tests/aggregation/.
+  return {"second_grads": stacked_grads(t)}
 
 
 SPECS = [
@@ -113,6 +140,29 @@ SPECS = [
     # identity_at_t1 stays True for all of them.
     Spec("gradvac", per_task_count(pcgrad_optax.gradvac, beta=0.5)),
     Spec("graddrop", pcgrad_optax.graddrop),
+    # Issue 13's stateful and two-batch methods. ExcessMTL's first step only
+    # records its baseline (weights 1/T: the identity at T = 1), GradNorm's
+    # weights sum to T = 1, MoDo's and SDMGrad's lie on the simplex of one
+    # task and their update is the mean of the two batches, equal here
+    # (second_batch gives the same gradients): identities. MoCo's and
+    # DB-MTL's first updates are beta (resp. (1 - beta) / L) times the
+    # gradient: not.
+    Spec("excess_mtl", per_task_count(pcgrad_optax.excess_mtl)),
+    Spec("moco", per_task_count(pcgrad_optax.moco), identity_at_t1=False),
+    Spec("moco_libmtl", per_task_count(pcgrad_optax.moco,
+                                       weight_update="softmax",
+                                       normalize=True),
+         extra_args=task_losses, identity_at_t1=False),
+    Spec("db_mtl", per_task_count(pcgrad_optax.db_mtl),
+         extra_args=task_losses, identity_at_t1=False),
+    Spec("gradnorm", per_task_count(pcgrad_optax.gradnorm),
+         extra_args=task_losses),
+    Spec("gradnorm_softmax", per_task_count(pcgrad_optax.gradnorm,
+                                            parametrization="softmax"),
+         extra_args=task_losses),
+    Spec("sdmgrad", per_task_count(pcgrad_optax.sdmgrad),
+         extra_args=second_batch),
+    Spec("modo", per_task_count(pcgrad_optax.modo), extra_args=second_batch),
     Spec("rlw", pcgrad_optax.rlw),
     Spec("uncertainty", per_task_count(pcgrad_optax.uncertainty),
          extra_args=task_losses),
@@ -135,6 +185,19 @@ SPECS = [
     # apply_if_finite around an aggregator passes the contract too.
     Spec("apply_if_finite",
          with_args(pcgrad_if_finite, max_consecutive_errors=3)),
+    # Issue 13. FairGrad's update for one task is |g|^(-2a/(a+1)) g (the
+    # unit gradient at alpha = 1); Krum and the trimmed mean (trim=1) need
+    # three tasks; constant weights and CR-MOGM's state have length T.
+    Spec("fairgrad", pcgrad_optax.fairgrad, identity_at_t1=False),
+    Spec("krum", with_args(pcgrad_optax.krum, num_byzantine=0),
+         min_tasks=3),
+    Spec("trimmed_mean", with_args(pcgrad_optax.trimmed_mean, trim=1),
+         min_tasks=3),
+    Spec("constant", constant_per_task_count()),
+    Spec("cr_mogm", per_task_count(pcgrad_optax.cr_mogm,
+                                   weighting=pcgrad_optax.weighting.mgda,
+                                   beta=0.5),
+         static_args=("weighting",)),
 ]
 
 

@@ -47,11 +47,18 @@ PUBLIC = {
         "famo", "graddrop", "gradvac", "gram_matrix", "imtl_g", "mean",
         "memory", "mgda", "multi_steps", "nash_mtl", "pcgrad", "recon", "rlw",
         "sharding", "sum", "task_value_and_grad", "uncertainty", "upgrad",
-        "weighted_sum", "weighting"],
+        "weighted_sum", "weighting",
+        # Issue 13.
+        "CRMOGMState", "constant", "cr_mogm", "fairgrad", "krum",
+        "trimmed_mean",
+        # Issue 15.
+        "value_and_aggregate"],
     "pcgrad_optax.weighting": [
         "aligned_mtl", "cagrad", "check_gram", "config", "dualproj", "dwa",
         "famo", "gradvac", "imtl_g", "mean", "mgda", "nash_mtl", "pcgrad",
-        "random_orders", "rlw", "sum", "uncertainty", "upgrad"],
+        "random_orders", "rlw", "sum", "uncertainty", "upgrad",
+        # Issue 13.
+        "constant", "cr_mogm", "fairgrad", "krum"],
     "pcgrad_optax.recon": [
         "ConflictState", "branch", "layer_grams", "layer_names",
         "pairwise_cosines", "select_layers", "shared_mask", "task_losses",

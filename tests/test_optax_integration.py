@@ -330,3 +330,16 @@ def test_multi_steps_state_stable_through_cond():
       out, state = step(stacked_grads(3, seed, dtype), state)
       assert [(x.shape, x.dtype) for x in jax.tree.leaves(state)] == layout
       assert all(o.dtype == dtype for o in jax.tree.leaves(out))
+
+
+def test_diagnostics_ignore_params_named_weights():
+  # adam's moments are params-shaped: a param named "weights" is a dict key
+  # of the state too, which tree_get cannot tell from the record.
+  params = {"weights": jnp.zeros(2)}
+  grads = {"weights": jnp.array([[1., 0.], [0., 2.]])}
+  tx = optax.chain(pcgrad_optax.mgda(num_tasks=2), optax.adam(1e-2))
+  _, state = tx.update(grads, tx.init(params), params)
+  with pytest.raises(KeyError):
+    optax.tree_utils.tree_get(state, "weights")
+  _close(pcgrad_optax.diagnostics.task_weights(state),
+         jnp.array([0.8, 0.2]), rtol=1e-5)

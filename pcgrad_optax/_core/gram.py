@@ -164,3 +164,32 @@ def gram_matrix(stacked: PyTree, shared: SharedMask = None) -> jax.Array:
   t = num_tasks(stacked)
   return masked_gram(jax.tree.leaves(stacked), shared_leaves(shared, stacked),
                      t)
+
+
+def dot_cross(x: jax.Array, y: jax.Array) -> jax.Array:
+  """``(T, T)`` inner products ``<x_i, y_j>`` of two stacked leaves."""
+  axes = tuple(range(1, x.ndim))
+  acc = jnp.promote_types(accumulation_dtype(x.dtype),
+                          accumulation_dtype(y.dtype))
+  return lax.dot_general(
+      x, y, ((axes, axes), ((), ())),
+      precision=lax.Precision.HIGHEST, preferred_element_type=acc,
+      out_sharding=PartitionSpec() if explicit_spec(x) else None)
+
+
+def masked_cross(leaves: list[jax.Array], others: list[jax.Array],
+                 mask: list[bool], t: int) -> jax.Array:
+  r"""Cross matrix :math:`J_1 J_2^T` of two batches' shared leaves.
+
+  ``C_ij = sum_l <g_i^(l), h_j^(l)>`` over the leaves whose mask is True:
+  one contraction per leaf, in f32 or wider, like :func:`masked_gram` (the
+  Gram matrix is the cross matrix of a batch with itself). Not symmetric in
+  general.
+  """
+  acc = jnp.result_type(leaves_accumulation_dtype(leaves),
+                        leaves_accumulation_dtype(others))
+  cross = jnp.zeros((t, t), acc)
+  for x, y, m in zip(leaves, others, mask):
+    if m:
+      cross = cross + dot_cross(x, y).astype(acc)
+  return cross

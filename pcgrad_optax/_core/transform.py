@@ -1,11 +1,12 @@
 """What the optax transformations of the package share.
 
 PRNG keys in the state (:func:`canonicalize_key`, kept as raw key data by
-:func:`key_data` and wrapped again by :func:`state_key`), the stateless
-factory of every Gram-based method (:func:`gram_transform`), the record of
-the last step's task weights and Gram matrix in the state
-(:class:`GramState`, :func:`init_record`, :func:`check_record`), the state
-dtype guard
+:func:`key_data` and wrapped again by :func:`state_key`), the factory of
+every Gram-based method (:func:`gram_aggregator`, with the :class:`GramStep`
+it attaches for :func:`pcgrad_optax.value_and_aggregate`; the stateless
+:func:`gram_transform`), the record of the last step's task weights and Gram
+matrix in the state (:class:`GramState`, :func:`init_record`,
+:func:`check_record`, :func:`record`), the state dtype guard
 (:func:`cast_like`) and the docstring parts every factory repeats
 (:func:`documented` fills them in, keeping docstrings literal so that their
 examples run as doctests).
@@ -19,15 +20,16 @@ is an :class:`optax.experimental.aggregating.Aggregator` (a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax.experimental import aggregating
 
-from pcgrad_optax._core.aggregate import aggregate
+from pcgrad_optax._core.aggregate import combine_leaves, resolve
 from pcgrad_optax._core.checks import check_num_tasks, init_num_tasks
+from pcgrad_optax._core.gram import masked_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import (check_reduction,
                                         leaves_accumulation_dtype)
@@ -151,6 +153,94 @@ def documented(factory):
   return factory
 
 
+class GramStep(NamedTuple):
+  """How a Gram-based transformation turns a Gram matrix into task weights.
+
+  Every Gram-based transformation of the package is built by
+  :func:`gram_aggregator` and carries one (``tx.update.gram_step``, read
+  with :func:`gram_step_of`), so that :func:`pcgrad_optax.value_and_aggregate`
+  can compute the Gram matrix its own way and still run the method, state
+  included, exactly as ``tx.update`` does.
+
+  Attributes:
+    step: ``(gram, state) -> (weights, new_state)``; ``weights`` are the
+      method's ``(T,)`` weights for the "sum" reduction.
+    shared: the transformation's ``shared`` mask.
+    reduction: its reduction.
+    method: its name, for errors.
+  """
+  step: Callable[[jax.Array, Any], tuple[jax.Array, Any]]
+  shared: SharedMask
+  reduction: str
+  method: str
+
+
+def check_weights(weights, t: int, method: str) -> jax.Array:
+  """The ``(T,)`` weights a weighting returned, or a ValueError."""
+  weights = jnp.asarray(weights)
+  if weights.shape != (t,):
+    raise ValueError(
+        f"{method}: the weighting returned shape {weights.shape}, expected "
+        f"({t},).")
+  return weights
+
+
+class GramProbe:
+  """Asks a Gram-based transformation for its :class:`GramStep`.
+
+  ``tx.update(GramProbe(run), state, params)`` on a transformation built by
+  :func:`gram_aggregator` returns ``run(gram_step, state)`` (a pair
+  ``(result, new_state)``) instead of aggregating: how
+  :func:`pcgrad_optax.value_and_aggregate` reaches the method through
+  wrappers that rebuild it at every update and pass ``updates`` and
+  ``state`` through untouched (``optax.inject_hyperparams``, whose inner
+  transformation, built from the step's hyperparameters, is the one that
+  answers). Not a pytree: wrappers that map over ``updates`` (a chain's
+  later links) fail on it instead of answering.
+  """
+  __slots__ = ("run",)
+
+  def __init__(self, run: Callable[[GramStep, Any], tuple[Any, Any]]):
+    self.run = run
+
+
+def gram_aggregator(init_fn, step, *, shared: SharedMask, reduction: str,
+                    method: str, expected_tasks: int | None = None
+                    ) -> Aggregator:
+  """A transformation running ``step`` on the Gram matrix of the gradients.
+
+  ``step(gram, state) -> (weights, new_state)``; shared leaves get
+  ``sum_t w_t g_t``, the others their plain sum (``reduction`` applies to
+  both). The :class:`GramStep` is attached to ``update`` (see
+  :func:`gram_step_of`) and answers a :class:`GramProbe` passed as
+  ``updates``. ``expected_tasks``: the T the transformation was built for
+  (None: any), checked against the gradients.
+  """
+  check_reduction(reduction)
+  hook = GramStep(step, shared, reduction, method)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if isinstance(updates, GramProbe):
+      return updates.run(hook, state)
+    leaves, treedef, mask, t = resolve(updates, params, shared,
+                                       expected_tasks, method)
+    gram = masked_gram(leaves, mask, t)
+    weights, new_state = step(gram, state)
+    weights = check_weights(weights, t, method)
+    out = combine_leaves(leaves, mask, weights, reduction)
+    return jax.tree.unflatten(treedef, out), new_state
+
+  update_fn.gram_step = hook
+  return Aggregator(init_fn, update_fn)
+
+
+def gram_step_of(tx) -> GramStep | None:
+  """The :class:`GramStep` of a Gram-based transformation, else None."""
+  step = getattr(getattr(tx, "update", None), "gram_step", None)
+  return step if isinstance(step, GramStep) else None
+
+
 class GramState(NamedTuple):
   """State of a stateless Gram-based transformation built with ``num_tasks``.
 
@@ -246,16 +336,14 @@ def gram_transform(weighting: Callable[[jax.Array], jax.Array], *,
       return optax.EmptyState()
     return GramState(*init_record(params, num_tasks, keep_gram, method))
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    combined, gram, weights = aggregate(
-        updates, weighting, params=params, shared=shared,
-        reduction=reduction, expected_tasks=expected, method=method)
+  def step(gram, state):
+    t = gram.shape[0]
+    weights = check_weights(weighting(gram), t, method)
     if not records:
-      return combined, state
-    t = weights.shape[0]
+      return weights, state
     check_record(state.weights, t, method)
-    return combined, GramState(*record(weights, gram, state.weights,
-                                       state.gram, t, reduction))
+    return weights, GramState(*record(weights, gram, state.weights,
+                                      state.gram, t, reduction))
 
-  return Aggregator(init_fn, update_fn)
+  return gram_aggregator(init_fn, step, shared=shared, reduction=reduction,
+                         method=method, expected_tasks=expected)

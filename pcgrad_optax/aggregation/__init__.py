@@ -62,39 +62,77 @@ Conventions shared by the Gram weightings:
 from pcgrad_optax.aggregation._aligned_mtl import aligned_mtl
 from pcgrad_optax.aggregation._cagrad import cagrad
 from pcgrad_optax.aggregation._config import config
+from pcgrad_optax.aggregation._db_mtl import DBMTLState
+from pcgrad_optax.aggregation._db_mtl import db_mtl
 from pcgrad_optax.aggregation._dualproj import dualproj
+from pcgrad_optax.aggregation._excess_mtl import ExcessMTLState
+from pcgrad_optax.aggregation._excess_mtl import excess_mtl
 from pcgrad_optax.aggregation._graddrop import GradDropState
 from pcgrad_optax.aggregation._graddrop import graddrop
+from pcgrad_optax.aggregation._gradnorm import GradNormState
+from pcgrad_optax.aggregation._gradnorm import gradnorm
 from pcgrad_optax.aggregation._gradvac import GradVacState
 from pcgrad_optax.aggregation._gradvac import gradvac
 from pcgrad_optax.aggregation._imtl_g import imtl_g
 from pcgrad_optax.aggregation._mean import mean
 from pcgrad_optax.aggregation._mgda import mgda
+from pcgrad_optax.aggregation._moco import MoCoState
+from pcgrad_optax.aggregation._moco import moco
+from pcgrad_optax.aggregation._modo import MoDoState
+from pcgrad_optax.aggregation._modo import modo
 from pcgrad_optax.aggregation._nash_mtl import nash_mtl
 from pcgrad_optax.aggregation._pcgrad import PCGradState
 from pcgrad_optax.aggregation._pcgrad import pcgrad
+from pcgrad_optax.aggregation._sdmgrad import SDMGradState
+from pcgrad_optax.aggregation._sdmgrad import sdmgrad
 from pcgrad_optax.aggregation._sum import sum  # noqa: A004 (the method's name)
 from pcgrad_optax.aggregation._upgrad import upgrad
 # The state of the stateless Gram-based methods built with num_tasks.
 from pcgrad_optax._core.transform import GramState  # noqa: I001
+# Issue 13: FairGrad, Krum, trimmed mean, constant weights, CR-MOGM.
+from pcgrad_optax.aggregation._constant import constant
+from pcgrad_optax.aggregation._cr_mogm import CRMOGMState
+from pcgrad_optax.aggregation._cr_mogm import cr_mogm
+from pcgrad_optax.aggregation._fairgrad import fairgrad
+from pcgrad_optax.aggregation._krum import krum
+from pcgrad_optax.aggregation._trimmed_mean import trimmed_mean
 
 __all__ = [
+    "DBMTLState",
+    "ExcessMTLState",
     "GradDropState",
+    "GradNormState",
     "GradVacState",
+    "MoCoState",
+    "MoDoState",
     "PCGradState",
+    "SDMGradState",
     "aligned_mtl",
     "cagrad",
     "config",
+    "db_mtl",
     "dualproj",
+    "excess_mtl",
     "graddrop",
+    "gradnorm",
     "gradvac",
     "imtl_g",
     "mean",
     "mgda",
+    "moco",
+    "modo",
     "nash_mtl",
     "pcgrad",
+    "sdmgrad",
     "sum",
     "upgrad",
     # Issue 12: the last step's task weights (and Gram matrix) in the state.
     "GramState",
+    # Issue 13.
+    "CRMOGMState",
+    "constant",
+    "cr_mogm",
+    "fairgrad",
+    "krum",
+    "trimmed_mean",
 ]

@@ -16,10 +16,15 @@ from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.transform import (Aggregator, documented,
                                           gram_transform)
-from pcgrad_optax.aggregation._solvers import (min_norm_simplex, mm,
+from pcgrad_optax.aggregation._solvers import (dual_cone_weights,
+                                               min_norm_simplex, mm,
                                                normalized)
 
 CAGRAD_RESCALES = (0, 1, 2)
+
+# Below this many sqrt(T eps) (of the largest gradient norm) |x*| may be
+# the Gram matrix's round-off: compare with the degenerate case's answer.
+_DEGENERATE_NORM = 8.0
 
 
 @jax.jit
@@ -68,8 +73,29 @@ def _cagrad(gram, c):
           jnp.zeros((t,), bool), mean_w)
   _, _, _, _, w = lax.while_loop(cond, body, init)
   w_norm = hull_norm(w)
-  ok = has_radius & (w_norm > 0)
-  weights = mean_w + jnp.where(ok, rho / jnp.where(ok, w_norm, 1), 0) * w
+  dual = mean_w + rho / jnp.where(w_norm > 0, w_norm, 1) * w
+
+  # 0 (nearly) in the hull: |x*| is small and its direction, round-off at
+  # worst. Then the primal's optimal set is B n C (the ball and the dual
+  # cone C = {d : G d >= 0}) when dist(g0, C) <= rho, and in general the
+  # point of B nearest p = proj_C(g0) = g0 + G^T z (the limit of the dual's
+  # solution as x* -> 0): d = g0 + min(1, rho / |G^T z|) G^T z. Near there,
+  # keep whichever of the two improves the worst task more (the dual's
+  # only if |x*| is above the round-off of the Gram matrix).
+  def nearest_in_cone(_):
+    z = dual_cone_weights(k, mean_w) - mean_w
+    delta = jnp.sqrt(jnp.maximum(jnp.dot(z, mm(k, z)), 0))
+    shrink = jnp.where(delta > rho, rho / jnp.where(delta > rho, delta, 1),
+                       1)
+    projected = mean_w + shrink * z
+    worst = lambda v: jnp.min(mm(k, v))      # noqa: E731
+    keep_dual = (w_norm > jnp.sqrt(eps)) & (worst(dual) > worst(projected))
+    return jnp.where(keep_dual, dual, projected)
+
+  near_zero = w_norm <= _DEGENERATE_NORM * jnp.sqrt(t * eps)
+  weights = lax.cond(has_radius & near_zero, nearest_in_cone,
+                     lambda _: dual, None)
+  weights = jnp.where(has_radius, weights, mean_w)
   return weights.astype(gram.dtype)
 
 
@@ -95,8 +121,26 @@ def cagrad_weighting(gram: jax.Array, c: float = 0.5, *, rescale: int = 0
   the optimal :math:`x^* = g_w` is the projection of :math:`-\tau g_0` onto
   the convex hull of the gradients with :math:`\tau = \|x^*\| / \sqrt\phi`,
   so a bisection on :math:`\tau` with an exact (warm-started) min-norm solve
-  per step finds it. If :math:`g_w = 0` (or :math:`c\|g_0\| = 0`) the update
-  is :math:`g_0`, as in the official code.
+  per step finds it.
+
+  Zero in the convex hull: then :math:`\|g_w\|` is 0 (or round-off) and
+  the formula above is undefined. Back in the primal problem: with
+  :math:`C = \{d : g_t\cdot d \ge 0\ \forall t\}` and
+  :math:`p = \Pi_C(g_0) = g_0 + \sum_t z_t g_t` (:math:`z \ge 0`, the
+  projection onto the dual cone, as in DualProj), the best worst-task
+  improvement is 0 if :math:`\|p - g_0\| \le c\|g_0\|`, attained by every
+  :math:`d` in the ball and in :math:`C`; we return the one nearest the
+  centre, :math:`p`. Otherwise it is negative and the optimum is the point
+  of the ball nearest :math:`p`,
+  :math:`d = g_0 + c\|g_0\| (p - g_0) / \|p - g_0\|` (the limit of the
+  formula above, :math:`g_w / \|g_w\| \to (p - g_0)/\|p - g_0\|`). When
+  :math:`\|g_w\|` is within a few :math:`\sqrt{T\epsilon}` of the largest
+  gradient norm, both candidates are formed and the one that improves the
+  worst task more is kept, so the weights stay bounded and the update stays
+  in the ball. (The official code adds 1e-4 to :math:`\|g_w\|`; torchjd
+  ``norm_eps``.) For :math:`c \ge 1` the ball contains 0, so the update
+  never conflicts with any task; for :math:`c < 1` it may. If
+  :math:`c\|g_0\| = 0` the update is :math:`g_0`.
 
   Scaling: multiplying every gradient by :math:`s > 0` leaves the weights
   unchanged and scales the update by :math:`s`. For one task the update is

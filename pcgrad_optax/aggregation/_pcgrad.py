@@ -13,16 +13,16 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from pcgrad_optax._core.aggregate import aggregate
+from pcgrad_optax._core.checks import check_num_tasks
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.mesh import vary_like
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.checks import check_num_tasks
 from pcgrad_optax._core.transform import (Aggregator, check_record,
                                           check_record_args, documented,
-                                          init_record, key_data, key_impl,
-                                          record, state_key)
+                                          gram_aggregator, init_record,
+                                          key_data, key_impl, record,
+                                          state_key)
 
 
 def random_orders(key: jax.Array, num_tasks: int) -> jax.Array:
@@ -240,22 +240,18 @@ def pcgrad(key: jax.Array | int = 0, *, reduction: str = "sum",
                        count=jnp.zeros([], jnp.int32), weights=weights,
                        gram=gram)
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def step(gram, state):
     step_key = jax.random.fold_in(state_key(state.key, impl), state.count)
-    combined, gram, weights = aggregate(
-        updates, lambda gram: pcgrad_weighting(gram, key=step_key),
-        params=params, shared=shared, reduction=reduction,
-        expected_tasks=expected, method="pcgrad")
+    t = gram.shape[0]
+    weights = pcgrad_weighting(gram, key=step_key)
     if records:
-      t = weights.shape[0]
       check_record(state.weights, t, "pcgrad")
-      weights, gram = record(weights, gram, state.weights, state.gram, t,
-                             reduction)
+      rec_weights, rec_gram = record(weights, gram, state.weights,
+                                     state.gram, t, reduction)
     else:
-      weights = gram = None
-    return combined, PCGradState(state.key,
-                                 optax.safe_increment(state.count),
-                                 weights, gram)
+      rec_weights = rec_gram = None
+    return weights, PCGradState(state.key, optax.safe_increment(state.count),
+                                rec_weights, rec_gram)
 
-  return Aggregator(init_fn, update_fn)
+  return gram_aggregator(init_fn, step, shared=shared, reduction=reduction,
+                         method="pcgrad", expected_tasks=expected)

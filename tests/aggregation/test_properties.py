@@ -106,6 +106,7 @@ ALL = {
     "dualproj": W.dualproj, "cagrad": W.cagrad, "imtl_g": W.imtl_g,
     "aligned_mtl": W.aligned_mtl, "config": W.config,
     "nash_mtl": W.nash_mtl,
+    "fairgrad": W.fairgrad,   # alpha = 1: scale-free like Nash-MTL
 }
 
 
@@ -130,6 +131,7 @@ def test_permuting_tasks_permutes_weights(g, perm):
 # which is scale-free (degree 0).
 DEGREE = dict.fromkeys(ALL, 1)
 DEGREE["nash_mtl"] = 0
+DEGREE["fairgrad"] = 0   # (1 - alpha) / (1 + alpha) at alpha = 1
 
 
 @HYP
@@ -191,8 +193,8 @@ def test_no_conflict_gives_the_mean(g):
 def test_single_task(name):
   g = np.array([[3.0, -4.0, 0.0, 1.0]])
   u = update(ALL[name], g)
-  expected = {"cagrad": 1.5 * g[0], "nash_mtl": g[0] / np.linalg.norm(g[0])
-              }.get(name, g[0])
+  expected = {"cagrad": 1.5 * g[0], "nash_mtl": g[0] / np.linalg.norm(g[0]),
+              "fairgrad": g[0] / np.linalg.norm(g[0])}.get(name, g[0])
   np.testing.assert_allclose(u, expected, rtol=1e-5)
 
 

@@ -1,0 +1,512 @@
+"""value_and_aggregate: the Gram engine against the stacked path.
+
+The reference is the documented two-call path: ``task_value_and_grad`` for
+the stacked per-task gradients, then ``aggregator(shared=mask).update``.
+Every engine must give its update, its losses and its state (PCGrad's key
+and count) under ``jit``, over several steps of plain SGD, on an MLP, a
+Linen CNN (convolutions fall back), a Linen transformer block (attention
+einsums, layer norms, an embedding) and a Flax NNX model.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.extend import core as jcore
+
+import pcgrad_optax as po
+from pcgrad_optax._core import taps
+
+T = 3
+RNG = np.random.default_rng(0)
+
+
+def normal(*shape, scale=1.0, rng=None):
+  rng = RNG if rng is None else rng
+  return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
+
+
+# --- models -----------------------------------------------------------------
+
+def mlp_losses(p, x, y):
+  h = jnp.tanh(x @ p["w1"] + p["b1"])
+  h = jax.nn.relu(jnp.einsum("ni,io->no", h, p["w2"]))
+  return jnp.mean((h @ p["heads"] - y) ** 2, axis=0)
+
+
+MLP_PARAMS = {"w1": normal(5, 12, scale=0.5), "b1": normal(12, scale=0.1),
+              "w2": normal(12, 7, scale=0.4), "heads": normal(7, T)}
+MLP_MASK = {"w1": True, "b1": True, "w2": True, "heads": False}
+MLP_BATCH = (normal(8, 5), normal(8, T))   # N^2 = 64 <= T C F: X-Gram route
+
+
+class CNN(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3))(x))
+    x = nn.relu(nn.Conv(6, (3, 3), strides=2)(x))
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.relu(nn.Dense(10, name="trunk_dense")(x))
+    return nn.Dense(T, name="head")(x)
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(11, 8)(tokens)
+    h = nn.LayerNorm()(x)
+    x = x + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(h)
+    h = nn.LayerNorm()(x)
+    x = x + nn.Dense(8)(nn.gelu(nn.Dense(16)(h)))
+    return nn.Dense(T, name="head")(jnp.mean(x, axis=1))
+
+
+def linen_losses(model):
+  def losses(params, x, y):
+    pred = model.apply(params, x)
+    return jnp.mean((pred - y) ** 2, axis=0)
+  return losses
+
+
+def head_mask(params):
+  """Everything shared except the top-level "head" module."""
+  return {"params": {k: k != "head" for k in params["params"]}}
+
+
+class NNXModel(nnx.Module):
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(9, 6, rngs=rngs)
+    self.trunk = nnx.Linear(6, 10, rngs=rngs)
+    self.norm = nnx.LayerNorm(10, rngs=rngs)
+    self.head = nnx.Linear(10, T, rngs=rngs)
+
+  def __call__(self, tokens):
+    h = jnp.tanh(self.norm(self.trunk(self.embed(tokens))))
+    return self.head(jnp.mean(h, axis=1))
+
+
+# --- the reference and the comparison ----------------------------------------
+
+def reference_step(loss_fn, aggregator):
+  """task_value_and_grad, then aggregator.update: what the engine replaces."""
+  def step(params, state, *batch):
+    losses, grads = po.task_value_and_grad(loss_fn)(params, *batch)
+    update, state = aggregator.update(grads, state, params)
+    return losses, update, state
+  return step
+
+
+def state_leaves(state):
+  return [np.asarray(jax.random.key_data(x)) if jnp.issubdtype(
+      x.dtype, jax.dtypes.prng_key) else np.asarray(x)
+          for x in jax.tree.leaves(state)]
+
+
+def run_steps(step, params, state, batch, steps=3, lr=0.1):
+  """Applies ``steps`` SGD steps; returns every step's outputs."""
+  step = jax.jit(step)
+  outs = []
+  for _ in range(steps):
+    losses, update, state = step(params, state, *batch)
+    outs.append((losses, update, state_leaves(state)))
+    params = jax.tree.map(lambda p, u: p - lr * u, params, update)
+  return outs
+
+
+def assert_same_run(got, want, rtol=2e-5, atol=2e-6):
+  """Same losses, updates and states; ``atol`` relative to the update's size.
+
+  (A leaf whose gradient is zero in exact arithmetic, like an attention key
+  bias, holds rounding noise only, in both engines.)
+  """
+  for (l1, u1, s1), (l2, u2, s2) in zip(got, want):
+    np.testing.assert_allclose(l1, l2, rtol=rtol, atol=atol)
+    assert jax.tree.structure(u1) == jax.tree.structure(u2)
+    scale = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(u2))
+    for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2)):
+      assert a.shape == b.shape and a.dtype == b.dtype
+      np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale)
+    for a, b in zip(s1, s2):
+      np.testing.assert_array_equal(a, b)
+
+
+AGGREGATORS = {"pcgrad": lambda **kw: po.pcgrad(key=3, **kw),
+               "mgda": po.mgda, "upgrad": po.upgrad}
+
+
+def check_engines(loss_fn, params, mask, batch, aggregators=AGGREGATORS,
+                  engines=("stacked", "gram", "auto"), lr=0.1, **tol):
+  for name, factory in aggregators.items():
+    ref_agg = factory(shared=mask)
+    want = run_steps(reference_step(loss_fn, ref_agg), params,
+                     ref_agg.init(params), batch, lr=lr)
+    for engine in engines:
+      agg = factory()
+      step = po.value_and_aggregate(loss_fn, agg, engine=engine, shared=mask)
+      got = run_steps(step, params, agg.init(params), batch, lr=lr)
+      try:
+        assert_same_run(got, want, **tol)
+      except AssertionError as e:
+        raise AssertionError(f"{name}, engine={engine}: {e}") from None
+
+
+def dense_leaves(loss_fn, params, batch):
+  """Names of the leaves the Gram engine treats as dense."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  closed = jax.make_jaxpr(
+      lambda *flat: loss_fn(jax.tree.unflatten(jax.tree.structure(params),
+                                               flat), *batch))(
+          *[x for _, x in leaves])
+  uses = taps.find_dense_uses(closed.jaxpr, len(leaves))
+  return {jax.tree_util.keystr(p) for (p, _), u in zip(leaves, uses)
+          if u is not None}
+
+
+# --- equal to the stacked path ------------------------------------------------
+
+def test_mlp_plain_function():
+  assert dense_leaves(mlp_losses, MLP_PARAMS, MLP_BATCH) == {
+      "['heads']", "['w1']", "['w2']"}
+  check_engines(mlp_losses, MLP_PARAMS, MLP_MASK, MLP_BATCH)
+
+
+def test_mlp_large_batch_forms_leaf_gradients():
+  # N^2 > T C F: the dense leaves take the per-task-gradient route.
+  batch = (normal(40, 5), normal(40, T))
+  check_engines(mlp_losses, MLP_PARAMS, MLP_MASK, batch,
+                aggregators={"upgrad": po.upgrad}, engines=("gram",))
+
+
+def test_all_shared_and_mean_reduction():
+  for reduction in ("sum", "mean"):
+    check_engines(mlp_losses, MLP_PARAMS, None, MLP_BATCH,
+                  aggregators={"pcgrad": lambda **kw: po.pcgrad(
+                      key=1, reduction=reduction, **kw)},
+                  engines=("gram",))
+
+
+def test_mask_given_to_the_aggregator():
+  agg = po.pcgrad(key=2, reduction="mean", shared=MLP_MASK)
+  want = run_steps(reference_step(mlp_losses, agg), MLP_PARAMS,
+                   agg.init(MLP_PARAMS), MLP_BATCH)
+  got = run_steps(po.value_and_aggregate(mlp_losses, agg, engine="gram"),
+                  MLP_PARAMS, agg.init(MLP_PARAMS), MLP_BATCH)
+  assert_same_run(got, want)
+
+
+def test_linen_cnn_convolutions_fall_back():
+  model = CNN()
+  rng = np.random.default_rng(3)   # its own data, whatever ran before
+  x = normal(4, 8, 8, 2, rng=rng)
+  params = model.init(jax.random.key(0), x)
+  batch = (x, normal(4, T, rng=rng))
+  loss_fn = linen_losses(model)
+  dense = dense_leaves(loss_fn, params, batch)
+  assert dense == {"['params']['trunk_dense']['kernel']",
+                   "['params']['head']['kernel']"}, dense
+  check_engines(loss_fn, params, head_mask, batch, engines=("gram",))
+
+
+def test_linen_transformer_block():
+  model = Block()
+  rng = np.random.default_rng(7)   # its own data, whatever ran before
+  tokens = jnp.asarray(rng.integers(0, 11, (2, 5)))
+  params = model.init(jax.random.key(1), tokens)
+  batch = (tokens, jnp.asarray(rng.standard_normal((2, T)), jnp.float32))
+  loss_fn = linen_losses(model)
+  dense = dense_leaves(loss_fn, params, batch)
+  attention = {f"['params']['MultiHeadDotProductAttention_0']['{n}']"
+               "['kernel']" for n in ("query", "key", "value", "out")}
+  assert attention <= dense
+  assert not any("Embed" in d or "LayerNorm" in d or "bias" in d
+                 for d in dense)
+  # A small step: at lr=0.1 the block diverges (updates ~1e8) and the two
+  # engines' rounding differences grow with it.
+  check_engines(loss_fn, params, head_mask, batch, engines=("gram",),
+                lr=0.01)
+
+
+def test_nnx_state():
+  graphdef, state = nnx.split(NNXModel(nnx.Rngs(0)))
+  params = nnx.state(nnx.merge(graphdef, state), nnx.Param)
+
+  def loss_fn(p, tokens, y):
+    model = nnx.merge(graphdef, p)
+    return jnp.mean((model(tokens) - y) ** 2, axis=0)
+
+  rng = np.random.default_rng(4)
+  tokens = jnp.asarray(rng.integers(0, 9, (3, 4)))
+  batch = (tokens, normal(3, T, rng=rng))
+  mask = {"embed": True, "trunk": True, "norm": True, "head": False}
+  check_engines(loss_fn, params, mask, batch, engines=("gram",))
+  agg = po.pcgrad()
+  _, update, _ = po.value_and_aggregate(loss_fn, agg, shared=mask)(
+      params, agg.init(params), *batch)
+  assert isinstance(update, nnx.State)
+
+
+def test_weight_used_twice_falls_back():
+  def tied(p, x, y):   # the same matrix encodes and decodes (transposed)
+    h = jnp.tanh(x @ p["w"])
+    return jnp.mean((h @ p["w"].T @ p["heads"] - y) ** 2, axis=0)
+
+  params = {"w": normal(5, 6, scale=0.5), "heads": normal(5, T)}
+  assert dense_leaves(tied, params, MLP_BATCH) == {"['heads']"}
+  check_engines(tied, params, {"w": True, "heads": False}, MLP_BATCH,
+                aggregators={"mgda": po.mgda}, engines=("gram",))
+
+
+def test_jit_inside_the_loss_and_layout_ops():
+  @jax.jit
+  def layer(x, w):   # a jitted sub-function; the weight reaches it reshaped
+    return jnp.tanh(x @ w.reshape(6, 5).T)   # and transposed
+
+  def loss_fn(p, x, y):
+    return jnp.mean((layer(x, p["w"]) @ p["heads"] - y) ** 2, axis=0)
+
+  params = {"w": normal(30, scale=0.5), "heads": normal(6, T)}
+  assert dense_leaves(loss_fn, params, MLP_BATCH) == {"['w']", "['heads']"}
+  check_engines(loss_fn, params, {"w": True, "heads": False}, MLP_BATCH,
+                aggregators={"upgrad": po.upgrad}, engines=("gram",))
+
+
+def test_has_aux_and_argnums():
+  def loss_fn(trunk, heads, x, y):
+    h = jnp.tanh(x @ trunk)
+    losses = jnp.mean((h @ heads - y) ** 2, axis=0)
+    return losses, {"h": h}
+
+  trunk, heads = normal(5, 6), normal(6, T)
+  agg = po.mgda(shared=(True, False))
+  ref_losses, g = po.task_value_and_grad(loss_fn, argnums=(0, 1),
+                                         has_aux=True)(trunk, heads,
+                                                       *MLP_BATCH)
+  ref, _ = agg.update(g, agg.init((trunk, heads)), (trunk, heads))
+  for engine in ("stacked", "gram"):
+    step = jax.jit(po.value_and_aggregate(loss_fn, agg, engine=engine,
+                                          argnums=(0, 1), has_aux=True))
+    (losses, aux), update, _ = step(trunk, agg.init((trunk, heads)), heads,
+                                    *MLP_BATCH)
+    np.testing.assert_allclose(losses, ref_losses[0], rtol=1e-6)
+    np.testing.assert_allclose(aux["h"], ref_losses[1]["h"], rtol=1e-6)
+    for a, b in zip(update, ref):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_mixed_precision_compute():
+  # The weight reaches its dot_general cast; the stacked path rounds each
+  # task's gradient to bf16, the Gram engine only the update.
+  def loss_fn(p, x, y):   # f32 params, bf16 matmuls
+    h = jnp.tanh(x.astype(jnp.bfloat16) @ p["w"].astype(jnp.bfloat16))
+    pred = h.astype(jnp.float32) @ p["heads"]
+    return jnp.mean((pred - y) ** 2, axis=0)
+
+  params = {"w": normal(5, 6, scale=0.5), "heads": normal(6, T)}
+  check_engines(loss_fn, params, {"w": True, "heads": False}, MLP_BATCH,
+                aggregators={"mgda": po.mgda}, engines=("gram",),
+                rtol=3e-2, atol=3e-2)
+
+
+def test_not_gram_based_aggregators_take_the_stacked_path():
+  losses, g = po.task_value_and_grad(mlp_losses)(MLP_PARAMS, *MLP_BATCH)
+  for agg in (po.graddrop(key=1, shared=MLP_MASK),
+              po.uncertainty(num_tasks=T)):
+    ref, ref_state = agg.update(g, agg.init(MLP_PARAMS), MLP_PARAMS,
+                                losses=losses)
+    out, update, state = jax.jit(po.value_and_aggregate(mlp_losses, agg))(
+        MLP_PARAMS, agg.init(MLP_PARAMS), *MLP_BATCH)
+    for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(state_leaves(state), state_leaves(ref_state)):
+      np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_auto_rule():
+  # Convolution kernels dominate the CNN's shared params: auto is stacked;
+  # the MLP is dense: auto is the Gram engine (no (T,) + W.shape arrays).
+  assert not _has_stacked_weight(
+      po.value_and_aggregate(mlp_losses, po.mgda(), shared=MLP_MASK),
+      MLP_PARAMS, po.mgda().init(MLP_PARAMS), MLP_BATCH, ["w1", "w2"])
+  model = CNN()
+  x = normal(2, 8, 8, 2)
+  params = model.init(jax.random.key(0), x)
+  kernel = params["params"]["Conv_0"]["kernel"]
+  step = po.value_and_aggregate(linen_losses(model), po.mgda(),
+                                shared=head_mask)
+  jaxpr = jax.make_jaxpr(step)(params, optax.EmptyState(), x, normal(2, T))
+  assert (T,) + kernel.shape in _avals(jaxpr.jaxpr)
+
+
+# --- structure: no per-task weight gradient ----------------------------------
+
+def _avals(jaxpr, acc=None):
+  """Every shape in a jaxpr, its sub-jaxprs included."""
+  acc = set() if acc is None else acc
+  for v in list(jaxpr.invars) + list(jaxpr.constvars):
+    acc.add(tuple(v.aval.shape))
+  for eqn in jaxpr.eqns:
+    for v in eqn.outvars:
+      acc.add(tuple(getattr(v.aval, "shape", ())))
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        if isinstance(sub, jcore.ClosedJaxpr):
+          _avals(sub.jaxpr, acc)
+        elif isinstance(sub, jcore.Jaxpr):
+          _avals(sub, acc)
+  return acc
+
+
+def _has_stacked_weight(step, params, state, batch, names):
+  shapes = _avals(jax.make_jaxpr(step)(params, state, *batch).jaxpr)
+  return any((T,) + params[n].shape in shapes for n in names)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "upgrad"])
+def test_gram_engine_never_stacks_dense_weight_gradients(name):
+  agg = AGGREGATORS[name]()
+  state = agg.init(MLP_PARAMS)
+  dense = ["w1", "w2", "heads"]
+  gram = po.value_and_aggregate(mlp_losses, agg, engine="gram",
+                                shared=MLP_MASK)
+  assert not _has_stacked_weight(gram, MLP_PARAMS, state, MLP_BATCH, dense)
+  # The check sees them on the stacked path.
+  stacked = po.value_and_aggregate(mlp_losses, agg, engine="stacked",
+                                   shared=MLP_MASK)
+  assert _has_stacked_weight(stacked, MLP_PARAMS, state, MLP_BATCH, dense)
+  # ... and in the compiled program neither.
+  hlo = jax.jit(gram).lower(MLP_PARAMS, state, *MLP_BATCH).compile().as_text()
+  for n in dense:
+    dims = ",".join(map(str, (T,) + MLP_PARAMS[n].shape))
+    assert f"f32[{dims}]" not in hlo, n
+
+
+# --- errors -------------------------------------------------------------------
+
+def test_errors():
+  step = lambda agg, **kw: po.value_and_aggregate(mlp_losses, agg, **kw)
+  with pytest.raises(ValueError, match="engine must be one of"):
+    step(po.mgda(), engine="fast")
+  # Whether an aggregator is Gram-based behind a wrapper is only known from
+  # its state, so these are raised when the step is called (traced).
+  drop = po.graddrop()
+  with pytest.raises(ValueError, match="engine='gram' needs a Gram-based"):
+    step(drop, engine="gram")(MLP_PARAMS, drop.init(MLP_PARAMS), *MLP_BATCH)
+  with pytest.raises(ValueError, match="give it once"):
+    step(po.mgda(shared=MLP_MASK), shared=MLP_MASK)
+  with pytest.raises(ValueError, match="its own shared="):
+    step(drop, shared=MLP_MASK)(MLP_PARAMS, drop.init(MLP_PARAMS),
+                                *MLP_BATCH)
+  with pytest.raises(ValueError, match="optax transformation"):
+    step(po.weighting.mgda)
+  agg = po.mgda()
+  with pytest.raises(ValueError, match=r"argnums=3"):
+    po.value_and_aggregate(mlp_losses, agg, argnums=3)(
+        MLP_PARAMS, agg.init(MLP_PARAMS), *MLP_BATCH)
+  for engine in ("stacked", "gram"):
+    with pytest.raises(ValueError, match=r"\(T,\) vector"):
+      po.value_and_aggregate(lambda p, x, y: jnp.sum(mlp_losses(p, x, y)),
+                             agg, engine=engine)(
+                                 MLP_PARAMS, agg.init(MLP_PARAMS), *MLP_BATCH)
+  with pytest.raises(ValueError, match=r"leaf '\['n'\]' is int32"):
+    po.value_and_aggregate(lambda p: jnp.stack([p["w"], p["w"]]), agg)(
+        {"w": jnp.ones(()), "n": jnp.ones((), jnp.int32)}, agg.init(None))
+  with pytest.raises(ValueError, match="mask leaves must be static"):
+    po.value_and_aggregate(mlp_losses, agg, shared={
+        "w1": True, "b1": True, "w2": True, "heads": "no"})(
+            MLP_PARAMS, agg.init(MLP_PARAMS), *MLP_BATCH)
+
+
+# --- the state's record, optax.inject_hyperparams, wrappers -----------------
+
+def _close_states(got, want, rtol=2e-5, atol=2e-6):
+  for (_, _, s1), (_, _, s2) in zip(got, want):
+    assert len(s1) == len(s2)
+    for a, b in zip(s1, s2):
+      assert a.shape == b.shape and a.dtype == b.dtype
+      np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "mgda", "upgrad"])
+def test_recorded_weights_and_gram_equal_the_stacked_path(name):
+  factory = AGGREGATORS[name]
+  for reduction in ("sum", "mean"):
+    kw = dict(num_tasks=T, keep_gram=True, reduction=reduction)
+    ref = factory(shared=MLP_MASK, **kw)
+    want = run_steps(reference_step(mlp_losses, ref), MLP_PARAMS,
+                     ref.init(MLP_PARAMS), MLP_BATCH)
+    w = np.asarray(want[-1][2][-2])   # the record: (..., weights, gram)
+    assert w.shape == (T,) and np.any(w != 0)
+    for engine in ("stacked", "gram"):
+      agg = factory(**kw)
+      step = po.value_and_aggregate(mlp_losses, agg, engine=engine,
+                                    shared=MLP_MASK)
+      got = run_steps(step, MLP_PARAMS, agg.init(MLP_PARAMS), MLP_BATCH)
+      assert_same_run([(l, u, []) for l, u, _ in got],
+                      [(l, u, []) for l, u, _ in want])
+      _close_states(got, want)
+      final = got[-1][2]
+      np.testing.assert_allclose(
+          po.diagnostics.task_weights(jax.tree.unflatten(
+              jax.tree.structure(agg.init(MLP_PARAMS)), final)),
+          w, rtol=2e-5, atol=2e-6)
+
+
+def test_inject_hyperparams_reaches_the_method():
+  # inject_hyperparams rebuilds the aggregator from the state's
+  # hyperparameters at every update; the engine still gets its GramStep.
+  inj = optax.inject_hyperparams(po.cagrad)(c=0.5, shared=MLP_MASK,
+                                            num_tasks=T)
+  state0 = inj.init(MLP_PARAMS)
+  state0.hyperparams["c"] = jnp.asarray(0.2)
+  want = run_steps(reference_step(mlp_losses, inj), MLP_PARAMS, state0,
+                   MLP_BATCH)
+  plain = po.cagrad(c=0.2, shared=MLP_MASK, num_tasks=T)
+  direct = run_steps(reference_step(mlp_losses, plain), MLP_PARAMS,
+                     plain.init(MLP_PARAMS), MLP_BATCH)
+  assert_same_run([(l, u, []) for l, u, _ in want],
+                  [(l, u, []) for l, u, _ in direct])
+  for engine in ("stacked", "gram", "auto"):
+    step = po.value_and_aggregate(mlp_losses, inj, engine=engine)
+    got = run_steps(step, MLP_PARAMS, state0, MLP_BATCH)
+    assert_same_run([(l, u, []) for l, u, _ in got],
+                    [(l, u, []) for l, u, _ in want])
+    _close_states(got, want)
+    assert int(got[-1][2][0]) == 3   # InjectHyperparamsState.count
+  # PCGrad: its key and count live in the inner state.
+  inj = optax.inject_hyperparams(po.pcgrad)(key=3, num_tasks=T)
+  want = run_steps(reference_step(mlp_losses, inj), MLP_PARAMS,
+                   inj.init(MLP_PARAMS), MLP_BATCH)
+  got = run_steps(po.value_and_aggregate(mlp_losses, inj, engine="gram"),
+                  MLP_PARAMS, inj.init(MLP_PARAMS), MLP_BATCH)
+  assert_same_run([(l, u, []) for l, u, _ in got],
+                  [(l, u, []) for l, u, _ in want])
+  _close_states(got, want)
+
+
+def test_wrappers_that_hide_the_method():
+  chained = optax.chain(po.pcgrad(), optax.scale(-0.1))
+  state = chained.init(MLP_PARAMS)
+  with pytest.raises(ValueError, match="optax.chain"):
+    po.value_and_aggregate(mlp_losses, chained, engine="gram")(
+        MLP_PARAMS, state, *MLP_BATCH)
+  # auto: the stacked path through the chain's own update.
+  losses, g = po.task_value_and_grad(mlp_losses)(MLP_PARAMS, *MLP_BATCH)
+  ref, _ = chained.update(g, state, MLP_PARAMS)
+  _, update, _ = po.value_and_aggregate(mlp_losses, chained)(
+      MLP_PARAMS, state, *MLP_BATCH)
+  for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_nnx_module_as_params_is_refused():
+  model = nnx.Linear(4, T, rngs=nnx.Rngs(0))
+  agg = po.mgda()
+  loss = lambda m, x: jnp.mean(m(x), axis=0)
+  with pytest.raises(ValueError, match="nnx.split"):
+    po.value_and_aggregate(loss, agg)(model, agg.init(None),
+                                      jnp.ones((2, 4)))
