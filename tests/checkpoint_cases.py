@@ -33,7 +33,12 @@ SAVE_AT = 2   # steps before the checkpoint
 # Hyperparameters without defaults (STCH: one warm-up step, so that both
 # of its phases run before and after the checkpoint).
 REQUIRED = {"stch": {"warmup_steps": 1}, "stch_loss": {"warmup_steps": 1},
-            "cosmos": {"lambda_": 1.0}, "cosmos_loss": {"lambda_": 1.0}}
+            "cosmos": {"lambda_": 1.0}, "cosmos_loss": {"lambda_": 1.0},
+            "constant": {"weights": np.array([0.5, 1.0, 2.0], np.float32)},
+            "krum": {"num_byzantine": 0}, "trimmed_mean": {"trim": 1},
+            "cr_mogm": {"weighting": po.weighting.mgda}}
+# Methods whose update takes a second batch's stacked gradients.
+SECOND_BATCH = {"sdmgrad", "modo"}
 
 
 class OnePass(NamedTuple):
@@ -53,16 +58,27 @@ def _method(name):
   return factory(**kwargs)
 
 
-def _adam(inner):
+class SecondBatchChain(NamedTuple):
+  """``chain(inner, adam)`` whose training step also passes second_grads."""
+  init: object
+  update: object
+  second_batch: bool = True
+
+
+def _adam(inner, name=None):
   if isinstance(inner, po.scalarization.LossScalarization):
     return OnePass(inner, optax.adam(1e-2))
-  return optax.chain(inner, optax.adam(1e-2))
+  chained = optax.chain(inner, optax.adam(1e-2))
+  if name in SECOND_BATCH:
+    return SecondBatchChain(chained.init, chained.update)
+  return chained
 
 
 METHODS = sorted(n for n in po.aggregation.__all__ + po.scalarization.__all__
                  if n[0].islower())
 
-CASES = {name: (lambda name=name: _adam(_method(name))) for name in METHODS}
+CASES = {name: (lambda name=name: _adam(_method(name), name))
+         for name in METHODS}
 CASES.update({
     "famo_adam_logits": lambda: _adam(po.famo(num_tasks=T,
                                               optimizer=optax.adam(0.025))),
@@ -130,10 +146,19 @@ def step_fn(tx):
 
     return one_pass_step
 
+  second_batch = getattr(tx, "second_batch", False)
+
   @jax.jit
   def step(params, state, x, y):
     losses, grads = po.task_value_and_grad(task_losses)(params, x, y)
-    updates, state = tx.update(grads, state, params, losses=losses)
+    extra = {}
+    if second_batch:   # the two halves of the batch as the two batches
+      half = x.shape[0] // 2
+      _, grads = po.task_value_and_grad(task_losses)(params, x[:half],
+                                                     y[:half])
+      _, extra["second_grads"] = po.task_value_and_grad(task_losses)(
+          params, x[half:], y[half:])
+    updates, state = tx.update(grads, state, params, losses=losses, **extra)
     return optax.apply_updates(params, updates), state
 
   return step

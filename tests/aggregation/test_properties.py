@@ -165,10 +165,16 @@ def test_per_task_scaling(g, scales):
   gs = (g * scales[:, None]).astype(np.float32).astype(np.float64)
   u, us = update(W.nash_mtl, g), update(W.nash_mtl, gs)
   np.testing.assert_allclose(us, u, rtol=0, atol=1e-3 * np.abs(u).max())
-  for weighting in (W.imtl_g, W.config):
-    u, us = update(weighting, g), update(weighting, gs)
-    np.testing.assert_allclose(us / np.linalg.norm(us), u / np.linalg.norm(u),
-                               atol=1e-3)
+  # ConFIG's direction is invariant. IMTL-G's is up to its sign: the update
+  # c v has v fixed by the equal-projection condition, but c = 1 / sum(alpha)
+  # comes from the affine constraint on the raw-scale weights, whose sign
+  # scaling can flip.
+  u, us = update(W.config, g), update(W.config, gs)
+  np.testing.assert_allclose(us / np.linalg.norm(us), u / np.linalg.norm(u),
+                             atol=1e-3)
+  u, us = update(W.imtl_g, g), update(W.imtl_g, gs)
+  cosine = np.dot(u, us) / (np.linalg.norm(u) * np.linalg.norm(us))
+  np.testing.assert_allclose(abs(cosine), 1.0, atol=1e-3)
   np.testing.assert_allclose(W.mgda(gram32(gs), normalization="l2"),
                              W.mgda(gram32(g), normalization="l2"), atol=1e-4)
 

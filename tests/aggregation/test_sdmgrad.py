@@ -21,18 +21,9 @@ import scipy.optimize
 import pcgrad_optax as po
 from hypothesis_settings import HYP
 from stacked_trees import HEADS_MASK, LEAF_SLICES, PARAMS, flat, to_tree
+from simplex_reference import project_simplex_ref
 
 
-def project_simplex_ref(v):
-  v = np.asarray(v, np.float64)
-  lo, hi = v.min() - 1.0, v.max()
-  for _ in range(200):
-    mid = (lo + hi) / 2
-    if np.maximum(v - mid, 0).sum() > 1:
-      lo = mid
-    else:
-      hi = mid
-  return np.maximum(v - (lo + hi) / 2, 0)
 
 
 def reference_weights(cross, w, lam, lr, momentum, steps, pref=None):
