@@ -174,7 +174,7 @@ def dot_cross(x: jax.Array, y: jax.Array) -> jax.Array:
   return lax.dot_general(
       x, y, ((axes, axes), ((), ())),
       precision=lax.Precision.HIGHEST, preferred_element_type=acc,
-      out_sharding=PartitionSpec() if explicit_spec(x) else None)
+      out_sharding=on_mesh_of(x) if explicit_spec(x) else None)
 
 
 def masked_cross(leaves: list[jax.Array], others: list[jax.Array],

@@ -59,15 +59,18 @@ def _trimmed_sum_by_rounds(x, trim, acc):
       better = free & ((idx < 0) | (value > best))
       return jnp.where(better, value, best), jnp.where(better, i, idx)
 
-    _, idx = lax.fori_loop(0, t, visit, (jnp.zeros(shape, acc),
-                                         jnp.full(shape, -1, jnp.int32)))
+    _, idx = lax.fori_loop(0, t, visit, (zeros, none))
     return chosen.at[r].set(idx)
 
+  # The carries are built from a row so that they share its sharding (and
+  # shard_map's varying axes): loops under explicit mesh axes need that.
+  zeros = jnp.zeros_like(row(0))
+  none = jnp.full_like(zeros, -1, jnp.int32)
   chosen = lax.fori_loop(0, 2 * trim, pick,
-                         jnp.full((2 * trim,) + shape, -1, jnp.int32))
+                         jnp.broadcast_to(none, (2 * trim,) + shape))
   return lax.fori_loop(
       0, t, lambda i, total: total + jnp.where(
-          jnp.any(chosen == i, axis=0), 0, row(i)), jnp.zeros(shape, acc))
+          jnp.any(chosen == i, axis=0), 0, row(i)), zeros)
 
 
 @functools.partial(jax.jit, static_argnames=("mask", "trim", "reduction"))

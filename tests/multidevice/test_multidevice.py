@@ -160,10 +160,19 @@ def family_names() -> list[str]:
   return sorted(set(names) - set(MAIN))
 
 
+# Arguments without defaults (the factory's own examples' values); SDMGrad
+# and MoDo also get a second batch's stacked gradients.
+REQUIRED = {"constant": {"weights": np.linspace(0.5, 2.0, T)},
+            "krum": {"num_byzantine": 0}, "trimmed_mean": {"trim": 1},
+            "cr_mogm": {"weighting": pcgrad_optax.weighting.mgda},
+            "stch": {"warmup_steps": 1}, "cosmos": {"lambda_": 1.0}}
+SECOND_BATCH = ("sdmgrad", "modo")
+
+
 def build(name: str):
   """(factory, extra update kwargs) for transformation `name`."""
   factory = getattr(pcgrad_optax, name)
-  kwargs = {}
+  kwargs = dict(REQUIRED.get(name, {}))
   params = inspect.signature(factory).parameters
   if "num_tasks" in params and params["num_tasks"].default is \
       inspect.Parameter.empty:
@@ -179,6 +188,8 @@ def build(name: str):
   extra = {}
   if "losses" in update_params:
     extra["losses"] = jnp.arange(1.0, T + 1.0)
+  if name in SECOND_BATCH:
+    extra["second_grads"] = random_tree(np.random.default_rng(1), T)
   return make, extra
 
 
