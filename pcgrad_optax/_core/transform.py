@@ -132,6 +132,19 @@ RETURNS = """  Returns:
 """
 
 
+EXTRA_BATCHES = """
+  Extra batches and ``optax.experimental.aggregating.process``: optax's
+  extra arguments pass through wrappers untouched, so in
+  ``aggregating.process(pre, tx, post)`` the preprocessor ``pre`` (e.g.
+  per-task clipping) transforms ``grads`` only, and ``second_grads`` /
+  ``third_grads`` reach this transformation unprocessed. That part of the
+  Aggregator contract (the aggregator sees preprocessed per-task updates)
+  cannot hold for batches passed as extra arguments: apply the same
+  preprocessing to them before the call (see the test of ``process`` in
+  ``tests/aggregation/test_stateful_records.py``). Other extra arguments
+  are accepted and ignored.
+"""
+
 def documented(factory):
   """Fills the shared parts of a factory's docstring (kept a literal).
 
@@ -147,6 +160,7 @@ def documented(factory):
                        ("@WEIGHTS_SHARED_LEAVES@",
                         WEIGHTS_SHARED_LEAVES.strip("\n")),
                        ("@RECORD_ARGS@", RECORD_ARGS.strip("\n")),
+                       ("@EXTRA_BATCHES@", EXTRA_BATCHES.strip("\n")),
                        ("@RETURNS@", RETURNS.strip("\n"))):
     doc = doc.replace("  " + marker, text)
   factory.__doc__ = doc

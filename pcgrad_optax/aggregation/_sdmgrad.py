@@ -174,16 +174,7 @@ def sdmgrad(*, num_tasks: int, lambda_: float = 0.3,
 
   @FIRST_IN_CHAIN@
 
-  Extra batches and ``optax.experimental.aggregating.process``: optax's
-  extra arguments pass through wrappers untouched, so in
-  ``aggregating.process(pre, tx, post)`` the preprocessor ``pre`` (e.g.
-  per-task clipping) transforms ``grads`` only, and ``second_grads`` /
-  ``third_grads`` reach this transformation unprocessed. That part of the
-  Aggregator contract (the aggregator sees preprocessed per-task updates)
-  cannot hold for batches passed as extra arguments: apply the same
-  preprocessing to them before the call (see the test of ``process`` in
-  ``tests/aggregation/test_stateful_records.py``). Other extra arguments
-  are accepted and ignored.
+  @EXTRA_BATCHES@
 
   Args:
     num_tasks: T (the weights are allocated at ``init``).
