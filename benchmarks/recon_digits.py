@@ -59,7 +59,34 @@ WIDTHS = (128, 128, 96, 64)
 CANDIDATE_AGGREGATORS = (
     "mgda", "cagrad", "upgrad", "imtl_g", "nash_mtl", "aligned_mtl",
     "dualproj", "graddrop", "gradvac", "fairgrad", "famo", "dwa", "rlw",
-    "uncertainty")
+    "uncertainty",
+    # Issue 13.
+    "config", "constant", "cr_mogm", "excess_mtl", "moco", "db_mtl",
+    "gradnorm", "sdmgrad", "modo", "imtl_l", "stch", "geometric_mean",
+    "cosmos", "pbi")
+# The arguments a factory has no default for (the rest are the library's
+# defaults). constant(1, 1) is joint training by another path (a check);
+# STCH estimates its nadir over the first 100 steps (10 % of the default
+# 1000); COSMOS's lambda_ = 1 as in the toy.
+AGGREGATOR_KWARGS = {
+    "constant": {"weights": (1.0, 1.0)},
+    "cr_mogm": {"weighting": pcgrad_optax.weighting.mgda},
+    "stch": {"warmup_steps": 100},
+    "cosmos": {"lambda_": 1.0},
+}
+# Methods whose update needs the stacked gradients of a second, independent
+# batch (``second_grads=``): each step draws one more batch for them.
+SECOND_BATCH = ("sdmgrad", "modo")
+# Factories of pcgrad_optax.aggregation/.scalarization that are no rows,
+# and why.
+NOT_ROWS = {
+    "sum": "the `joint` row, equal weights, is the sum",
+    "mean": "the sum divided by T = 2: the same Adam run as `joint`",
+    "krum": "needs T >= num_byzantine + 3 tasks; this set has T = 2",
+    "trimmed_mean": "needs T > 2 trim tasks; T = 2 allows only trim = 0, "
+                    "the mean",
+    "pcgrad": "a row of its own (always run)",
+}
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -146,7 +173,7 @@ def make_aggregator(name: str) -> optax.GradientTransformation:
   if name == "joint":
     return joint(shared=heads_mask)
   factory = getattr(pcgrad_optax, name)
-  kwargs = {"shared": heads_mask}
+  kwargs = {"shared": heads_mask, **AGGREGATOR_KWARGS.get(name, {})}
   if "num_tasks" in inspect.signature(factory).parameters:
     kwargs["num_tasks"] = NUM_TASKS
   return factory(**kwargs)
@@ -155,6 +182,31 @@ def make_aggregator(name: str) -> optax.GradientTransformation:
 def available_aggregators() -> list[str]:
   return [n for n in CANDIDATE_AGGREGATORS
           if callable(getattr(pcgrad_optax, n, None))]
+
+
+def uncovered_factories() -> list[str]:
+  """Public factories that are neither a candidate row nor in NOT_ROWS."""
+  from pcgrad_optax import aggregation, scalarization
+  names = [n for n in list(aggregation.__all__) + list(scalarization.__all__)
+           if n.islower() and not n.endswith("_loss")]  # one-pass forms
+  return [n for n in names
+          if n not in CANDIDATE_AGGREGATORS and n not in NOT_ROWS]
+
+
+def needs_second_batch(name: str) -> bool:
+  return name in SECOND_BATCH
+
+
+def show_arg(value) -> str:
+  """A weighting by its method's name, anything else as itself."""
+  if callable(value):
+    return "weighting." + getattr(value, "__name__", "?").removesuffix(
+        "_weighting")
+  return str(value)
+
+
+def show_kwargs(kwargs: dict) -> str:
+  return ", ".join(f"{k}={show_arg(v)}" for k, v in kwargs.items())
 
 
 # ----------------------------------------------------------------------------
@@ -196,12 +248,23 @@ def make_train(model: Model, method: str, chosen: list[str],
   # The leaves shared in this model: the trunk minus the branched layers.
   monitor = recon.shared_mask(example_params, chosen, shared=heads_mask)
 
+  second = needs_second_batch(method)
+
   def train(params, key, x_train, y_train, rest_weights):
     state = tx.init(params)
     idx = batch_indices(key, x_train.shape[0], steps, batch_size)
+    if second:   # an independent batch order for the second batch
+      idx = jnp.stack([idx, batch_indices(jax.random.fold_in(key, 1),
+                                          x_train.shape[0], steps,
+                                          batch_size)], axis=1)
 
     def step(carry, batch_idx):
       params, state = carry
+      extra = {}
+      if second:
+        batch_idx, second_idx = batch_idx[0], batch_idx[1]
+        _, extra["second_grads"] = grad_fn(params, x_train[second_idx],
+                                           y_train[second_idx])
       losses, grads = grad_fn(params, x_train[batch_idx], y_train[batch_idx])
       grams = recon.layer_grams(grads, shared=monitor)
       stacked = jnp.stack([grams.get(n, jnp.zeros((NUM_TASKS, NUM_TASKS)))
@@ -210,7 +273,8 @@ def make_train(model: Model, method: str, chosen: list[str],
       rest = pair_cosine(jnp.tensordot(rest_weights, stacked, 1))
       per_layer = jnp.stack([pair_cosine(grams[n]) if n in grams else jnp.nan
                              for n in all_layers])
-      updates, state = tx.update(grads, state, params, losses=losses)
+      updates, state = tx.update(grads, state, params, losses=losses,
+                                 **extra)
       params = optax.apply_updates(params, updates)
       return (params, state), (losses, whole, rest, per_layer)
 
@@ -515,11 +579,18 @@ def render_report(args, scores, chosen, rest, all_layers, acc, logs,
       "",
       "Scope: one data set, one small MLP, one search run, "
       f"{args.seeds} training seeds; the aggregators run with their default "
-      "hyperparameters. The controls separate Recon's choice of layers "
-      "from its extra parameters: a wider unbranched trunk with about as "
-      "many parameters; branching the last K layers instead of the top-K by "
-      "S-conflict score; and branching every layer (one network per task, "
-      "nothing shared but the input).",
+      "hyperparameters, and where a factory has no default: "
+      + "; ".join(f"`{n}({show_kwargs(kw)})`"
+                  for n, kw in AGGREGATOR_KWARGS.items()) + ". "
+      + ", ".join(f"`{n}`" for n in SECOND_BATCH) + " get the gradients of "
+      "a second, independently drawn batch each step (`second_grads=`; one "
+      "more backward pass). No rows: " + "; ".join(
+          f"`{n}` ({why})" for n, why in NOT_ROWS.items()
+          if n != "pcgrad") + ". The controls separate Recon's choice of "
+      "layers from its extra parameters: a wider unbranched trunk with "
+      "about as many parameters; branching the last K layers instead of "
+      "the top-K by S-conflict score; and branching every layer (one "
+      "network per task, nothing shared but the input).",
   ]
   return "\n".join(lines) + "\n"
 

@@ -88,17 +88,67 @@ KNOWN_AGGREGATORS = (
     ("geometric_mean", {}),
     ("cosmos", {"lambda_": 1.0}),
     ("pbi", {}),
-    # Issue 13: FairGrad (alpha = 1) and CR-MOGM around MGDA.
+    # Issue 13: FairGrad (alpha = 1), CR-MOGM around MGDA, constant(1, 1)
+    # (the linear baseline through the stacked path: Adam is invariant to
+    # the loss scale, so it should retrace `adam (mean loss)`), and the
+    # stateful and two-batch methods with their defaults.
     ("fairgrad", {}),
-    ("cr_mogm", {"weighting": pcgrad_optax.weighting.mgda, "beta": 0.9}),
+    ("cr_mogm", {"weighting": pcgrad_optax.weighting.mgda}),
+    ("constant", {"weights": (1.0, 1.0)}),
+    ("excess_mtl", {}),
+    ("moco", {}),
+    ("db_mtl", {}),
+    ("gradnorm", {}),
+    ("sdmgrad", {}),
+    ("modo", {}),
 )
-# Not aggregators, or (sum, mean, constant) the linear baselines that Adam
-# on the mean loss already covers (Adam is invariant to the loss scale; the
-# toy's tasks have no tuned weights), or methods the two-task toy cannot run
-# (Krum needs T >= 3 + num_byzantine, the trimmed mean T >= 3).
+# Methods whose update takes a second, independent batch's gradients
+# (`second_grads=`). The toy is deterministic: every "batch" gives the same
+# gradients, so the second batch is the first.
+SECOND_BATCH = ("sdmgrad", "modo")
+# Public names that are not aggregators, and factories of
+# pcgrad_optax.aggregation / .scalarization the toy does not run, with the
+# reason (see `uncovered_factories`, which keeps this list complete).
 NOT_AGGREGATORS = {"gram_matrix", "weighted_sum", "task_value_and_grad",
-                   "multi_steps", "sum", "mean", "constant", "krum",
-                   "trimmed_mean"}
+                   "multi_steps", "apply_if_finite", "value_and_aggregate"}
+EXCLUDED = {
+    "sum": "linear scalarisation: Adam is invariant to the loss scale, so "
+           "it is `adam (mean loss)` (and `constant(weights=(1.0, 1.0))`)",
+    "mean": "the same as `sum` up to the factor 1/T, which Adam removes",
+    "krum": "needs T >= num_byzantine + 3 tasks; the toy has T = 2",
+    "trimmed_mean": "needs T > 2 trim tasks; with T = 2 only trim = 0 (the "
+                    "mean) is allowed",
+}
+
+
+def uncovered_factories() -> list[str]:
+  """Factories of aggregation/scalarization.__all__ neither run nor excused.
+
+  The one-pass ``*_loss`` forms are the same methods (same update and
+  state sequence, tested in tests/scalarization); the capitalised names are
+  state types.
+  """
+  from pcgrad_optax import aggregation, scalarization
+  known = {n for n, _ in KNOWN_AGGREGATORS}
+  return [n for n in list(aggregation.__all__) + list(scalarization.__all__)
+          if n.islower() and not n.endswith("_loss")
+          and n not in known and n not in EXCLUDED]
+
+
+def with_second_batch(tx):
+  """``tx`` with ``second_grads`` defaulting to the step's own gradients."""
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    extra_args.setdefault("second_grads", updates)
+    return tx.update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+def build(name, kwargs):
+  tx = getattr(pcgrad_optax, name)(**kwargs)
+  return with_second_batch(tx) if name in SECOND_BATCH else tx
 
 
 def label(name: str, kwargs: dict) -> str:
@@ -120,13 +170,13 @@ def try_build(name, kwargs):
     return None
   try:
     try:
-      tx = factory(**kwargs)
+      tx = build(name, kwargs)
     except TypeError:
       # Transformations with per-task state need T up front.
       if "num_tasks" not in inspect.signature(factory).parameters:
         raise
       kwargs.update(num_tasks=2)
-      tx = factory(**kwargs)
+      tx = build(name, kwargs)
     if not isinstance(tx, optax.GradientTransformation):
       return None
     params = jnp.zeros(2)
@@ -151,7 +201,8 @@ def discover_methods():
   known = {n for n, _ in KNOWN_AGGREGATORS}
   for name in sorted(dir(pcgrad_optax)):
     if (name.startswith("_") or name in known or name in NOT_AGGREGATORS
-        or not name.islower() or name.endswith("_loss")):  # one-pass forms
+        or name in EXCLUDED or not name.islower()
+        or name.endswith("_loss")):  # one-pass forms
       continue
     if inspect.isfunction(getattr(pcgrad_optax, name)):
       candidates.append((name, {}))
@@ -163,7 +214,7 @@ def discover_methods():
     shown = {k: v for k, v in kwargs.items() if k != "num_tasks"}
     methods[label(name, shown)] = (
         lambda name=name, kwargs=kwargs: optax.chain(
-            getattr(pcgrad_optax, name)(**kwargs), optax.adam(LR)), True)
+            build(name, kwargs), optax.adam(LR)), True)
   return methods
 
 
@@ -470,9 +521,14 @@ def write_markdown(path, results, paper, args, total_seconds, record):
       "Stacked per-task gradients from `pcgrad_optax.task_value_and_grad`; "
       "`adam (mean loss)` is Adam on the gradient of (L1 + L2)/2; every "
       "other method is `optax.chain(<method>, optax.adam(1e-3))` with the "
-      "library's defaults (CAGrad with c = 0.5, as in the papers). The "
-      "loss-based methods get L - L* with L* = -20 (the toy's infimum) as "
-      "their `losses=` argument, since they assume positive losses.",
+      "library's defaults (CAGrad with c = 0.5, as in the papers; the "
+      "arguments a factory has no default for are in the method's name). "
+      "The loss-based methods get L - L* with L* = -20 (the toy's infimum) "
+      "as their `losses=` argument, since they assume positive losses. "
+      "The toy is deterministic, so the two-batch methods ("
+      + ", ".join(f"`{n}`" for n in SECOND_BATCH) + ") get the step's own "
+      "gradients as their second batch. Not run: " + "; ".join(
+          f"`{n}` ({why})" for n, why in EXCLUDED.items()) + ".",
       "",
       "![toy trajectories](toy.png)",
       "",
@@ -548,6 +604,11 @@ def main(argv=None):
   paper_record = 1_000 if args.paper_steps >= 100_000 else 10
   os.makedirs(args.out, exist_ok=True)
 
+  missing = uncovered_factories()
+  if missing:
+    raise SystemExit(
+        f"benchmarks/toy.py: {missing} are neither in KNOWN_AGGREGATORS nor "
+        "in EXCLUDED (with the reason): add them to one of the two.")
   methods = discover_methods()
   print(f"JAX {jax.__version__} on {jax.devices()}; methods: "
         f"{', '.join(methods)}")
