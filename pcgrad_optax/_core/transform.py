@@ -144,6 +144,22 @@ EXTRA_BATCHES = """
   ``tests/aggregation/test_stateful_records.py``). Other extra arguments
   are accepted and ignored.
 """
+# The loss-level methods without state of their own (COSMOS, PBI, the
+# geometric mean): their ``num_tasks`` argument and the first lines of their
+# Returns (each continues with its ``update`` signature).
+STATELESS_RECORD_ARGS = """
+    num_tasks: optional T. Given, the state keeps the last step's ``(T,)``
+      weights (``weights``) for logging; None (default): no state.
+"""
+
+STATELESS_RETURNS = """
+  Returns:
+    An :class:`optax.experimental.aggregating.Aggregator` (a
+    ``GradientTransformationExtraArgs``) with ``optax.EmptyState``, or with
+    ``num_tasks`` a :class:`pcgrad_optax.GramState` holding the last step's
+    weights (``gram`` None);
+"""
+
 
 def documented(factory):
   """Fills the shared parts of a factory's docstring (kept a literal).
@@ -161,7 +177,11 @@ def documented(factory):
                         WEIGHTS_SHARED_LEAVES.strip("\n")),
                        ("@RECORD_ARGS@", RECORD_ARGS.strip("\n")),
                        ("@EXTRA_BATCHES@", EXTRA_BATCHES.strip("\n")),
-                       ("@RETURNS@", RETURNS.strip("\n"))):
+                       ("@RETURNS@", RETURNS.strip("\n")),
+                       ("@STATELESS_RECORD_ARGS@",
+                        STATELESS_RECORD_ARGS.strip("\n")),
+                       ("@STATELESS_RETURNS@",
+                        STATELESS_RETURNS.strip("\n"))):
     doc = doc.replace("  " + marker, text)
   factory.__doc__ = doc
   return factory

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from pcgrad_optax._core.checks import (as_vector, check_nonnegative,
                                        check_num_tasks, losses_in_domain)
@@ -18,7 +17,8 @@ from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
                                                     loss_transformation,
                                                     preference_vector,
-                                                    scalarized)
+                                                    scalarized,
+                                                    stateless)
 
 
 def _cosmos_weights_and_value(losses, preference, lambda_):
@@ -98,17 +98,8 @@ def _cosmos_method(preference, lambda_, num_tasks):
   if preference is not None and t is not None:
     preference_vector(preference, t, 1.0)
 
-  def init(t):
-    del t
-    return optax.EmptyState()
-
-  def step(losses, state, t, extra):
-    del t
-    pref = extra.get("preference", preference)
-    weights, value = _cosmos_weights_and_value(losses, pref, lambda_)
-    return weights, value, state
-
-  return init, step
+  return stateless(lambda losses, extra: _cosmos_weights_and_value(
+      losses, extra.get("preference", preference), lambda_))
 
 
 @documented
@@ -139,14 +130,9 @@ def cosmos(preference: jax.Array | None = None, *, lambda_: float,
       default, as there: the paper uses 0.01 to 8).
     reduction: ``"sum"`` (the paper) or ``"mean"``.
     shared: which leaves are weighted, as for :func:`pcgrad_optax.pcgrad`.
-    num_tasks: optional T. Given, the state keeps the last step's ``(T,)``
-      weights (``weights``) for logging; None (default): no state.
+  @STATELESS_RECORD_ARGS@
 
-  Returns:
-    An :class:`optax.experimental.aggregating.Aggregator` (a
-    ``GradientTransformationExtraArgs``) with ``optax.EmptyState``, or with
-    ``num_tasks`` a :class:`pcgrad_optax.GramState` holding the last step's
-    weights (``gram`` None);
+  @STATELESS_RETURNS@
     ``update(grads, state, params=None, *, losses, preference=None)``.
 
   Example:

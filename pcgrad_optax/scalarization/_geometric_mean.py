@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from pcgrad_optax._core.checks import as_vector, losses_in_domain
 from pcgrad_optax._core.masks import SharedMask
@@ -18,7 +17,8 @@ from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
                                                     bounded_below,
                                                     loss_transformation,
-                                                    scalarized)
+                                                    scalarized,
+                                                    stateless)
 
 
 def geometric_mean_weighting(losses: jax.Array) -> jax.Array:
@@ -66,17 +66,8 @@ def geometric_mean_weighting(losses: jax.Array) -> jax.Array:
 
 def _geometric_mean_method():
   """``(init, step)`` of GLS (see ``_scalarized.py``); stateless."""
-
-  def init(t):
-    del t
-    return optax.EmptyState()
-
-  def step(losses, state, t, extra):
-    del t, extra
-    weights = geometric_mean_weighting(losses)
-    return weights, jnp.exp(jnp.mean(jnp.log(losses))), state
-
-  return init, step
+  return stateless(lambda losses, extra: (
+      geometric_mean_weighting(losses), jnp.exp(jnp.mean(jnp.log(losses)))))
 
 
 @documented
@@ -103,14 +94,9 @@ def geometric_mean(*, reduction: str = "sum", shared: SharedMask = None,
   Args:
     reduction: ``"sum"`` (the gradient of :math:`G`) or ``"mean"``.
     shared: which leaves are weighted, as for :func:`pcgrad_optax.pcgrad`.
-    num_tasks: optional T. Given, the state keeps the last step's ``(T,)``
-      weights (``weights``) for logging; None (default): no state.
+  @STATELESS_RECORD_ARGS@
 
-  Returns:
-    An :class:`optax.experimental.aggregating.Aggregator` (a
-    ``GradientTransformationExtraArgs``) with ``optax.EmptyState``, or with
-    ``num_tasks`` a :class:`pcgrad_optax.GramState` holding the last step's
-    weights (``gram`` None);
+  @STATELESS_RETURNS@
     ``update(grads, state, params=None, *, losses)`` needs the ``(T,)``
     task losses (ValueError otherwise).
 

@@ -12,12 +12,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pcgrad_optax._core.checks import as_vector, check_num_tasks, per_task
+from pcgrad_optax._core.checks import as_vector
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
                                                     bounded_below,
+                                                    learned_log_scales,
                                                     loss_transformation,
                                                     scalarized)
 
@@ -78,27 +79,19 @@ class IMTLLState(NamedTuple):
 def _imtl_l_method(num_tasks, learning_rate, init_log_scales, optimizer,
                    method):
   """``(init, step)`` of IMTL-L (see ``_scalarized.py``)."""
-  expected = check_num_tasks(num_tasks)   # None when traced
-  if expected is not None:
-    per_task(init_log_scales, expected, "init_log_scales")
-  opt = optimizer if optimizer is not None else optax.sgd(learning_rate)
+  del method
 
-  def init(t):
-    init_s = per_task(init_log_scales, t, "init_log_scales")
-    return IMTLLState(log_scales=init_s, opt_state=opt.init(init_s))
-
-  def step(losses, state, t, extra):
-    del t, extra
-    s = state.log_scales
+  def objective(losses, s, t):
+    del t
     weights = imtl_l_weighting(s)
-    value = jnp.sum(weights * losses - s)
     # d/ds_t of sum_t e^{s_t} L_t - s_t: losses only, no gradient needed.
-    grad_s = (weights * losses - 1.0).astype(s.dtype)
-    update, opt_state = opt.update(grad_s, state.opt_state, s)
-    return weights, value, IMTLLState(optax.apply_updates(s, update),
-                                      opt_state)
+    return weights, jnp.sum(weights * losses - s), weights * losses - 1.0
 
-  return init, step
+  return learned_log_scales(IMTLLState, num_tasks=num_tasks,
+                            learning_rate=learning_rate,
+                            init_value=init_log_scales,
+                            init_name="init_log_scales", optimizer=optimizer,
+                            objective=objective)
 
 
 @documented

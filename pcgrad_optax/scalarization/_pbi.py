@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from pcgrad_optax._core.checks import (as_vector, check_nonnegative,
                                        check_num_tasks, losses_in_domain)
@@ -18,7 +17,8 @@ from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
                                                     loss_transformation,
                                                     preference_vector,
-                                                    scalarized)
+                                                    scalarized,
+                                                    stateless)
 
 
 def _pbi_weights_and_value(losses, preference, theta, reference):
@@ -102,17 +102,8 @@ def _pbi_method(preference, theta, reference, num_tasks):
   if preference is not None and t is not None:
     preference_vector(preference, t, 1.0)
 
-  def init(t):
-    del t
-    return optax.EmptyState()
-
-  def step(losses, state, t, extra):
-    del t
-    pref = extra.get("preference", preference)
-    weights, value = _pbi_weights_and_value(losses, pref, theta, reference)
-    return weights, value, state
-
-  return init, step
+  return stateless(lambda losses, extra: _pbi_weights_and_value(
+      losses, extra.get("preference", preference), theta, reference))
 
 
 @documented
@@ -141,14 +132,9 @@ def pbi(preference: jax.Array | None = None, *, theta: float = 5.0,
     reference: scalar or ``(T,)`` ideal point :math:`z^*` (default 0).
     reduction: ``"sum"`` or ``"mean"``.
     shared: which leaves are weighted, as for :func:`pcgrad_optax.pcgrad`.
-    num_tasks: optional T. Given, the state keeps the last step's ``(T,)``
-      weights (``weights``) for logging; None (default): no state.
+  @STATELESS_RECORD_ARGS@
 
-  Returns:
-    An :class:`optax.experimental.aggregating.Aggregator` (a
-    ``GradientTransformationExtraArgs``) with ``optax.EmptyState``, or with
-    ``num_tasks`` a :class:`pcgrad_optax.GramState` holding the last step's
-    weights (``gram`` None);
+  @STATELESS_RETURNS@
     ``update(grads, state, params=None, *, losses, preference=None)``.
 
   Example:

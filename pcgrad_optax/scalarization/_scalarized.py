@@ -48,7 +48,8 @@ import optax
 from pcgrad_optax._core.aggregate import combine, resolve
 from pcgrad_optax._core.checks import (as_vector, check_losses,
                                        check_num_tasks, concrete,
-                                       init_num_tasks, losses_in_domain)
+                                       init_num_tasks, losses_in_domain,
+                                       per_task)
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import (Aggregator, GramState, cast_like,
@@ -142,6 +143,63 @@ class LossScalarization(NamedTuple):
   init: Callable[..., Any]
   loss: Callable[..., tuple[jax.Array, Any]]
   weights: Callable[..., tuple[jax.Array, Any]]
+
+
+def stateless(weights_and_value: Callable[[jax.Array, dict],
+                                          tuple[jax.Array, jax.Array]]
+              ) -> tuple[Init, Step]:
+  """``(init, step)`` of a method without state of its own.
+
+  ``weights_and_value(losses, extra)`` gives the step's ``(T,)`` weights
+  and the objective's value; the state is ``optax.EmptyState()`` (the
+  shared code adds the weights record with ``num_tasks``).
+  """
+
+  def init(t):
+    del t
+    return optax.EmptyState()
+
+  def step(losses, state, t, extra):
+    del t
+    weights, value = weights_and_value(losses, extra)
+    return weights, value, state
+
+  return init, step
+
+
+def learned_log_scales(state_type, *, num_tasks, learning_rate, init_value,
+                       init_name: str, optimizer,
+                       objective: Callable[[jax.Array, jax.Array, int],
+                                           tuple[jax.Array, jax.Array,
+                                                 jax.Array]]
+                       ) -> tuple[Init, Step]:
+  """``(init, step)`` of a method that learns per-task log-scales ``s``.
+
+  Uncertainty weighting and IMTL-L keep ``s`` (``(T,)``, from
+  ``init_value``) and its optimiser's state in ``state_type(s, opt_state)``
+  (their first two fields) and descend their objective in ``s``, whose
+  derivative needs only the losses: ``objective(losses, s, t)`` gives the
+  step's weights (from the current ``s``), the objective's value and
+  ``d/ds``. The optimiser is ``optimizer``, or ``optax.sgd(learning_rate)``.
+  """
+  expected = check_num_tasks(num_tasks)   # None when traced
+  if expected is not None:
+    per_task(init_value, expected, init_name)
+  opt = optimizer if optimizer is not None else optax.sgd(learning_rate)
+
+  def init(t):
+    s = per_task(init_value, t, init_name)
+    return state_type(s, opt.init(s))
+
+  def step(losses, state, t, extra):
+    del extra
+    s = state[0]
+    weights, value, grad_s = objective(losses, s, t)
+    update, opt_state = opt.update(grad_s.astype(s.dtype), state[1], s)
+    return weights, value, state_type(optax.apply_updates(s, update),
+                                      opt_state)
+
+  return init, step
 
 
 def preference_vector(preference, t: int, default: float,

@@ -14,12 +14,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from pcgrad_optax._core.checks import as_vector, check_num_tasks, per_task
+from pcgrad_optax._core.checks import as_vector, check_num_tasks
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import Aggregator, documented
 from pcgrad_optax.scalarization._scalarized import (LossScalarization,
                                                     bounded_below,
+                                                    learned_log_scales,
                                                     loss_transformation,
                                                     scalarized)
 
@@ -207,26 +208,19 @@ def _uncertainty_method(num_tasks, learning_rate, task_types, init_log_vars,
   expected = check_num_tasks(num_tasks)   # None when traced
   if expected is not None:
     _uncertainty_factors(task_types, expected)
-    per_task(init_log_vars, expected, "init_log_vars")
-  opt = optimizer if optimizer is not None else optax.sgd(learning_rate)
 
-  def init(t):
-    init_s = per_task(init_log_vars, t, "init_log_vars")
-    return UncertaintyState(log_vars=init_s, opt_state=opt.init(init_s))
-
-  def step(losses, state, t, extra):
-    del extra
+  def objective(losses, log_vars, t):
     weight_factor, reg_factor = _uncertainty_factors(task_types, t)
-    log_vars = state.log_vars
     weights = uncertainty_weighting(log_vars, task_types=task_types)
     value = jnp.sum(weights * losses + reg_factor * log_vars)
     grad_s = (reg_factor - weight_factor * jnp.exp(-log_vars) * losses)
-    grad_s = grad_s.astype(log_vars.dtype)
-    update, opt_state = opt.update(grad_s, state.opt_state, log_vars)
-    new_log_vars = optax.apply_updates(log_vars, update)
-    return weights, value, UncertaintyState(new_log_vars, opt_state)
+    return weights, value, grad_s
 
-  return init, step
+  return learned_log_scales(UncertaintyState, num_tasks=num_tasks,
+                            learning_rate=learning_rate,
+                            init_value=init_log_vars,
+                            init_name="init_log_vars", optimizer=optimizer,
+                            objective=objective)
 
 
 def uncertainty_loss(*, num_tasks: int, learning_rate: float = 1e-2,
