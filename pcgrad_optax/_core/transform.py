@@ -86,6 +86,21 @@ def cast_like(new, old):
                       new, old)
 
 
+def keep_if_finite(gram, new_state, old_state):
+  """``new_state``, or all of ``old_state`` if ``gram`` is not finite.
+
+  For the stateful gradient-level methods: a NaN or inf in a shared
+  gradient reaches the step's Gram matrix (``gram``, any shape), which is
+  cheap to check; such a step then leaves the whole state (counts, keys,
+  EMA targets or weights, the records) as it was, so a bad batch never
+  enters an average, and a run with it is the run without it. (The
+  update itself is still non-finite: skip it with
+  :func:`pcgrad_optax.apply_if_finite`.)
+  """
+  ok = jnp.all(jnp.isfinite(gram))
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, old_state)
+
+
 FIRST_IN_CHAIN = """
   .. warning::
     The transformation consumes *stacked* gradients (a leading task axis on

@@ -24,7 +24,7 @@ from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
 from pcgrad_optax._core.transform import (Aggregator, check_record,
                                           check_record_args, documented,
-                                          init_record)
+                                          init_record, keep_if_finite)
 
 
 def _check_beta(beta) -> None:
@@ -52,10 +52,19 @@ def cr_mogm_weighting(gram: jax.Array, previous: jax.Array, *,
   Theorem; it lets :math:`\beta_k \to 1` as the learning rate decays, which
   ``optax.inject_hyperparams`` can schedule).
 
-  Convention: ``beta`` multiplies the *previous* weights (the EMA decay, as
-  ``optax.ema``, torchjd's ``CRMOGMWeighting(alpha=...)`` and LibMOON's
-  CR-MOGM). The NeurIPS paper's symbol may weight the new term instead;
-  with that reading pass ``1 - beta``.
+  Convention: ``beta`` multiplies the *previous* weights, the EMA decay of
+  ``optax.ema``. The two libraries that implement the method agree on
+  this: torchjd's ``CRMOGMWeighting(alpha=...)`` (whose documentation
+  reads the paper's Corollary 1 as a coefficient on the previous weights
+  that starts near 0 and rises to 1 as the learning rate decays, e.g.
+  ``1 - lr_k / lr_0``) and LibMOON's CR-MOGM core (a momentum on the
+  previous weights). The paper's abstract describes the scheme as
+  exponentially averaging the past weights; its full text was not at hand
+  to check the symbol, so there is no second convention to offer (with
+  the coefficient on the new weights, pass ``1 - beta``). A constant
+  ``beta`` is the libraries' default (0.9); the corollary's schedule is
+  ``optax.inject_hyperparams(pcgrad_optax.cr_mogm, static_args=(
+  "weighting", "num_tasks"))(weighting=..., beta=schedule, num_tasks=T)``.
 
   Args:
     gram: ``(T, T)`` Gram matrix.
@@ -156,8 +165,15 @@ def cr_mogm(weighting: Callable[[jax.Array], jax.Array],
   average :math:`\lambda_k = \beta\lambda_{k-1} + (1-\beta)\hat\lambda_k`
   (kept in the state) to the shared leaves; heads get their plain sum. With
   ``initial_weights=None`` the first step uses :math:`\hat\lambda_1` itself
-  (:math:`\lambda_0 = \hat\lambda_1`, as torchjd). See
-  :func:`pcgrad_optax.weighting.cr_mogm` for the convention of ``beta``.
+  (:math:`\lambda_0 = \hat\lambda_1`, as torchjd 0.18; earlier torchjd
+  started from uniform weights, ``initial_weights=jnp.full(T, 1 / T)``).
+  See :func:`pcgrad_optax.weighting.cr_mogm` for the convention of
+  ``beta``.
+
+  A step whose shared gradients hold a NaN or inf (its Gram matrix is not
+  finite) leaves the whole state, count included, as it was, so the bad
+  step's weights never enter the average; its update is still non-finite:
+  wrap the chain in :func:`pcgrad_optax.apply_if_finite` to skip it.
 
   @FIRST_IN_CHAIN@
 
@@ -239,11 +255,13 @@ def cr_mogm(weighting: Callable[[jax.Array], jax.Array],
         leaves, state.weights, state.count, jnp.asarray(beta, jnp.float32),
         weighting=weighting, mask=tuple(mask), reduction=reduction,
         restart=initial_weights is None)
+    step_gram = gram
     if state.gram is not None:
       gram = gram.astype(state.gram.dtype)
-    return jax.tree.unflatten(treedef, out), CRMOGMState(
-        optax.safe_increment(state.count),
-        smoothed.astype(state.weights.dtype),
-        None if state.gram is None else gram)
+    # A non-finite shared gradient leaves the whole state as it was.
+    return jax.tree.unflatten(treedef, out), keep_if_finite(
+        step_gram, CRMOGMState(optax.safe_increment(state.count),
+                               smoothed.astype(state.weights.dtype),
+                               None if state.gram is None else gram), state)
 
   return Aggregator(init_fn, update_fn)

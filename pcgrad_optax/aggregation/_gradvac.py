@@ -24,7 +24,8 @@ from pcgrad_optax._core.stacked import (check_reduction,
                                         leaves_accumulation_dtype)
 from pcgrad_optax._core.transform import (Aggregator, check_record_args,
                                           documented, init_record, key_data,
-                                          key_impl, record, state_key)
+                                          key_impl, keep_if_finite, record,
+                                          state_key)
 from pcgrad_optax.aggregation._pcgrad import random_orders, task_orders
 
 GRADVAC_EMA_SOURCES = ("modified", "original")
@@ -255,6 +256,14 @@ def gradvac(key: jax.Array | int = 0, *, num_tasks: int, beta: float = 1e-2,
   :func:`pcgrad_optax.weighting.gradvac` for the formula, the Gram-matrix
   formulation and the edge cases.
 
+  A step whose shared gradients hold a NaN or inf (a non-finite Gram
+  block) leaves the whole state as it was: targets, count (so the same
+  random orders come next), key and weights record, as a skipped step
+  would; the targets never take in a bad batch's cosines. The update of
+  such a step is still non-finite: wrap the chain in
+  :func:`pcgrad_optax.apply_if_finite` to skip it (which also keeps the
+  optimiser's state).
+
   Granularity: the paper vaccinates every model component (layer)
   separately with its own targets. ``granularity="all"`` treats the whole
   shared vector as one group (like PCGrad); ``"module"`` groups the leaves
@@ -338,10 +347,12 @@ def gradvac(key: jax.Array | int = 0, *, num_tasks: int, beta: float = 1e-2,
         leaves, state.targets, state_key(state.key, impl), state.count,
         jnp.asarray(beta, jnp.float32), mask=tuple(mask),
         groups=tuple(groups), ema_of=ema_of, reduction=reduction)
+    step_grams = grams
     weights, grams = record(weights, grams, state.weights, state.gram, t,
                             reduction)
-    return jax.tree.unflatten(treedef, out), GradVacState(
-        state.key, optax.safe_increment(state.count), targets, weights,
-        grams)
+    # A non-finite shared gradient leaves the whole state as it was.
+    return jax.tree.unflatten(treedef, out), keep_if_finite(
+        step_grams, GradVacState(state.key, optax.safe_increment(state.count),
+                                 targets, weights, grams), state)
 
   return Aggregator(init_fn, update_fn)

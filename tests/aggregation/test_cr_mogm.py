@@ -123,3 +123,45 @@ def test_keep_gram_and_traced_num_tasks():
   np.testing.assert_allclose(s.inner_state.weights, [0.9, 0.1], rtol=1e-5)
   with pytest.raises(ValueError, match="beta"):
     po.cr_mogm(po.weighting.mgda, jnp.array(2.0), num_tasks=2)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_step_keeps_the_state(bad):
+  # The EMA never takes in the weights of a step with a NaN/inf gradient:
+  # the whole state (count, weights, Gram record) stays as it was.
+  gs = [make_case("random", 3, seed) for seed in range(3)]
+  tx = po.cr_mogm(W.mgda, 0.5, num_tasks=3, keep_gram=True)
+  params = {"w": jnp.zeros(gs[0].shape[1])}
+  step = jax.jit(tx.update)
+  _, state = step({"w": jnp.asarray(gs[0], jnp.float32)}, tx.init(params))
+  g_bad = np.array(gs[1], np.float32)
+  g_bad[2, 0] = bad
+  out, after = step({"w": jnp.asarray(g_bad)}, state)
+  assert not np.all(np.isfinite(np.asarray(out["w"])))
+  for x, y in zip(jax.tree.leaves(after), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(x, y)
+  _, clean = step({"w": jnp.asarray(gs[2], jnp.float32)}, state)
+  _, skipped = step({"w": jnp.asarray(gs[2], jnp.float32)}, after)
+  np.testing.assert_array_equal(clean.weights, skipped.weights)
+
+
+def test_corollary_schedule_reference():
+  # The schedule torchjd reads from the paper's Corollary 1, beta_k =
+  # 1 - lr_k / lr_0 on the previous weights (0 at the first step, towards 1
+  # as the learning rate decays), through inject_hyperparams, against the
+  # recurrence in float64.
+  gs = [make_case("random", 3, seed) for seed in range(4)]
+  lr = [1.0, 0.5, 0.25, 0.1]
+  tx = optax.inject_hyperparams(po.cr_mogm,
+                                static_args=("weighting", "num_tasks"))(
+                                    weighting=W.mgda,
+                                    beta=lambda k: 1.0 - jnp.asarray(lr)[k],
+                                    num_tasks=3)
+  outs, state = run_steps(tx, gs)
+  lam = None
+  for g, out, lr_k in zip(gs, outs, lr):
+    fresh = np.asarray(W.mgda(gram32(g)), np.float64)
+    beta = 1.0 - lr_k / lr[0]
+    lam = fresh if lam is None else beta * lam + (1 - beta) * fresh
+    np.testing.assert_allclose(out, lam @ g, rtol=2e-5,
+                               atol=2e-5 * np.abs(g).max())

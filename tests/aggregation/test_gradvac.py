@@ -225,3 +225,37 @@ def test_gradvac_bad_arguments():
     po.weighting.gradvac(jnp.eye(2), jnp.zeros((3, 3)), key=jax.random.key(0))
   with pytest.raises(ValueError, match="key"):
     po.weighting.gradvac(jnp.eye(2), jnp.zeros((2, 2)))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("granularity", ["all", "module"])
+def test_gradvac_nonfinite_step_keeps_the_state(bad, granularity):
+  # A step with a NaN/inf shared gradient is as if it had not happened, for
+  # the state: targets, count (the next orders), key and weights record.
+  # (Its update is non-finite; apply_if_finite is the way to skip it.)
+  params = {"a": {"w": jnp.zeros(3)}, "b": {"w": jnp.zeros(2)}}
+  rng = np.random.default_rng(0)
+
+  def batch():
+    return {"a": {"w": jnp.asarray(rng.normal(size=(3, 3)), jnp.float32)},
+            "b": {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}}
+
+  tx = po.gradvac(num_tasks=3, beta=0.5, granularity=granularity,
+                  keep_gram=True)
+  update = jax.jit(tx.update)
+  good = [batch() for _ in range(3)]
+  bad_g = batch()
+  bad_g["a"]["w"] = bad_g["a"]["w"].at[1, 0].set(bad)
+  _, state = update(good[0], tx.init(params), params)
+  u, with_bad = update(bad_g, state, params)
+  assert not np.all(np.isfinite(np.asarray(u["a"]["w"])))
+  for x, y in zip(jax.tree.leaves(with_bad), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(x, y)
+  clean = state
+  for g in good[1:]:
+    u1, with_bad = update(g, with_bad, params)
+    u2, clean = update(g, clean, params)
+    np.testing.assert_array_equal(u1["a"]["w"], u2["a"]["w"])
+  for x, y in zip(jax.tree.leaves(with_bad), jax.tree.leaves(clean)):
+    np.testing.assert_array_equal(x, y)
+  assert np.all(np.isfinite(np.asarray(with_bad.targets)))
