@@ -318,8 +318,13 @@ def block(fn):
   return lambda *a: jax.block_until_ready(fn(*a))
 
 
-def build(num_tasks, matrix, stacked, libmtl, prev_times, max_call):
-  """``({label: (fn, args)}, {label: reason skipped})`` for one cell."""
+def build(num_tasks, matrix, stacked, libmtl, prev_times, max_call,
+          only=None):
+  """``({label: (fn, args)}, {label: reason skipped})`` for one cell.
+
+  ``only``: a set of method names to build (all when None); the floor is
+  always built.
+  """
   torch = torch_setup()
   tmatrix = torch.from_numpy(matrix)
   tp_bytes = matrix.nbytes
@@ -344,6 +349,8 @@ def build(num_tasks, matrix, stacked, libmtl, prev_times, max_call):
         predicted > max_call) else None
 
   for name, (ours, theirs, lib) in methods(num_tasks).items():
+    if only is not None and name not in only:
+      continue
     tx = ours()
     state = tx.init(params)
     if fits("ours", name):
@@ -375,6 +382,8 @@ def build(num_tasks, matrix, stacked, libmtl, prev_times, max_call):
       fns[label] = (libmtl_aggregator(libmtl[cls_name], tmatrix, **kwargs),
                     ())
   for name, (ours, extra, theirs, _) in stateful_methods(num_tasks).items():
+    if only is not None and name not in only:
+      continue
     tx = ours()
     if fits("ours", name):
       kwargs = extra(grads)
@@ -820,7 +829,8 @@ def run_cell(num_tasks, num_params, libmtl, prev_times, args):
   leaves = model_leaves(num_params)
   matrix, stacked = make_data(num_tasks, leaves)
   fns, skipped = build(num_tasks, matrix, stacked, libmtl, prev_times,
-                       args.max_call)
+                       args.max_call,
+                       None if not args.methods else set(args.methods))
   # A first call compiles ours; a second one sizes the number of rounds.
   second = {}
   for label, (fn, fargs) in fns.items():
@@ -886,6 +896,10 @@ def tables(cells, names, libmtl) -> list:
         "",
         f"Floor (one read of the {c['T'] * c['P'] * 4 / 2**30:.2f} GiB of "
         f"stacked gradients): {fmt_ms(floor)} ms.",
+        *[f"Rows {', '.join(r['methods'])}: re-run on {r['date']} "
+          f"({r['rounds']} rounds, 1-min load {r['load']:.2f} after, floor "
+          f"{fmt_ms(r['floor'])} ms in that run)." for r in c.get("reruns",
+                                                                 [])],
         "",
         "| method | ours (ms) | torchjd (ms) | LibMTL (ms) | ours / fastest "
         "peer | ours / floor |",
@@ -909,7 +923,9 @@ def tables(cells, names, libmtl) -> list:
       ours = c["times"].get(f"ours {name}")
       _, peer = fastest_peer(c, name)
       ratio = f"{ours / peer:.2f}" if ours and peer else "—"
-      over_floor = f"{ours / floor:.1f}" if ours else "—"
+      # Rows re-run with --methods keep the floor of their own run.
+      row_floor = c.get("floor_of", {}).get(name, floor)
+      over_floor = f"{ours / row_floor:.1f}" if ours else "—"
       lines.append(f"| {name} | " + " | ".join(cols)
                    + f" | {ratio} | {over_floor} |")
     lines.append("")
@@ -948,6 +964,59 @@ def plot(cells, names, path):
   plt.close(fig)
 
 
+def command_line(argv=None) -> str:
+  return "python benchmarks/bench_aggregators.py" + (
+      " " + " ".join(sys.argv[1:] if argv is None else argv)).rstrip()
+
+
+# The run that made the committed aggregators.json before runs were
+# recorded in it (its results file's header).
+_FIRST_RUN = {"date": "2026-11-23", "methods": None, "load_before": 0.63,
+              "seconds": 1135.0,
+              "command": "python benchmarks/bench_aggregators.py "
+                         "--max-wait 60"}
+
+
+def merge_rows(earlier, cells, names, load_before, seconds, command):
+  """The earlier run's cells with ``names``' rows replaced by this run's.
+
+  Returns ``(cells, runs)``. Each merged cell keeps its own floor and load,
+  and records the re-run (methods, date, rounds, load, floor) in
+  ``reruns``; ``floor_of`` maps a re-run method to its run's floor.
+  """
+  today = datetime.date.today().isoformat()
+  merged = []
+  for old in earlier["cells"]:
+    new = [c for c in cells if (c["T"], c["P"]) == (old["T"], old["P"])]
+    old = json.loads(json.dumps(old))
+    if new:
+      new = new[0]
+      for key in list(old["times"]):
+        if key != "floor" and key.split(" ", 1)[1] in names:
+          del old["times"][key]
+          old["iqr"].pop(key, None)
+      for key, value in new["times"].items():
+        if key != "floor":
+          old["times"][key] = value
+          old["iqr"][key] = new["iqr"][key]
+      old["skipped"] = {k: v for k, v in old["skipped"].items()
+                        if k.split(" ", 1)[1] not in names}
+      old["skipped"].update(new["skipped"])
+      old.setdefault("floor_of", {}).update(
+          {n: new["times"]["floor"] for n in names})
+      old["reruns"] = [r for r in old.get("reruns", [])
+                       if set(r["methods"]) - set(names)] + [{
+                           "methods": list(names), "date": today,
+                           "rounds": new["rounds"], "load": new["load"],
+                           "floor": new["times"]["floor"]}]
+    merged.append(old)
+  runs = earlier.get("runs") or [_FIRST_RUN]
+  runs = runs + [{"date": today, "methods": list(names),
+                  "load_before": load_before, "seconds": seconds,
+                  "command": command}]
+  return merged, runs
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
@@ -968,6 +1037,11 @@ def main(argv=None):
   parser.add_argument("--resume", action="store_true")
   parser.add_argument("--plot-only", action="store_true",
                       help="redraw the PNG from the JSON of a finished run")
+  parser.add_argument("--methods", nargs="+", default=None,
+                      help="time only these methods and merge their rows "
+                      "into the cells of the existing --json (the other "
+                      "rows keep their earlier run; each cell says which "
+                      "rows were re-run, when, and under what load)")
   args = parser.parse_args(argv)
   if args.plot_only:
     out = args.out or os.path.join(RESULTS, "aggregators.md")
@@ -993,10 +1067,14 @@ def main(argv=None):
     args.out = os.path.join(RESULTS, "aggregators.md")
   if args.json is None and args.out:
     args.json = os.path.splitext(args.out)[0] + ".json"
-  done = []
+  done, earlier = [], None
   if args.resume and args.json and os.path.exists(args.json):
     with open(args.json) as f:
       done = json.load(f)["cells"]
+  if args.methods and args.json and os.path.exists(args.json):
+    with open(args.json) as f:
+      earlier = json.load(f)
+    args.resume, done = False, []
   load_before, waited = wait_for_quiet(args.max_wait)
   start = time.time()
   cells, prev_times = [], {}
@@ -1012,6 +1090,8 @@ def main(argv=None):
         continue
       cell = run_cell(t, int(p), libmtl, prev_times, args)
       cells.append(cell)
+      if earlier is not None:   # written once, merged, at the end
+        continue
       if args.json:
         with open(args.json, "w") as f:
           json.dump({"cells": cells, "versions": versions()}, f, indent=1)
@@ -1019,13 +1099,19 @@ def main(argv=None):
           f"{k} {v * 1e3:.1f}" for k, v in cell["times"].items())
             + (f"; skipped {cell['skipped']}" if cell["skipped"] else ""),
             flush=True)
+  runs = None
+  if earlier is not None:
+    cells, runs = merge_rows(earlier, cells, args.methods, load_before,
+                             time.time() - start, command_line(argv))
+    with open(args.json, "w") as f:
+      json.dump({"cells": cells, "versions": versions(), "runs": runs}, f,
+                indent=1)
   names = list(methods(8)) + list(stateful_methods(2))   # T >= 4 (Krum)
   body = tables(cells, names, libmtl)
   print("\n".join(body))
   if args.out is None:
     return
-  command = "python benchmarks/bench_aggregators.py" + (
-      " " + " ".join(sys.argv[1:] if argv is None else argv)).rstrip()
+  command = command_line(argv)
   png = os.path.splitext(args.out)[0] + ".png"
   plot(cells, names, png)
   header = [
@@ -1040,6 +1126,18 @@ def main(argv=None):
       f"1-min load average {load_before:.2f} at the start (after waiting "
       f"{waited:.0f} s); after each cell in the tables (those readings "
       "include this benchmark's own threads).",
+      *([] if runs is None else [
+          "",
+          "The rows come from several runs (each row's times, peers "
+          "included, from one run, interleaved; the ratios are within a "
+          "run): " + "; ".join(
+              f"{r['date']}, `{r['command']}`, "
+              + ("every row" if r["methods"] is None else
+                 ", ".join(r["methods"]))
+              + f", 1-min load {r['load_before']:.2f} at its start, "
+              f"{r['seconds']:.0f} s of timing" for r in runs)
+          + ". This machine is shared: the later run's absolute times are "
+          "noisier than the first's."]),
       "",
       "What is timed: one aggregation of the same stacked float32 gradients "
       "(see the script's docstring). Medians of interleaved rounds.",
