@@ -1137,7 +1137,15 @@ def main(argv=None):
               + f", 1-min load {r['load_before']:.2f} at its start, "
               f"{r['seconds']:.0f} s of timing" for r in runs)
           + ". This machine is shared: the later run's absolute times are "
-          "noisier than the first's."]),
+          "noisier than the first's."
+          + "".join(
+              f" The {r['date']} run started at a 1-min load of "
+              f"{r['load_before']:.1f} (other jobs on the box): compare each "
+              "cell's floor in the two runs; under such contention XLA:CPU "
+              "and torch slow down differently, so those rows' ratios are "
+              "not comparable with the quiet run's (re-run them on a quiet "
+              "machine before reading them as speed)."
+              for r in runs if r["load_before"] > 2)]),
       "",
       "What is timed: one aggregation of the same stacked float32 gradients "
       "(see the script's docstring). Medians of interleaved rounds.",
