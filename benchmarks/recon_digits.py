@@ -65,7 +65,8 @@ CANDIDATE_AGGREGATORS = (
     "gradnorm", "sdmgrad", "modo", "imtl_l", "stch", "geometric_mean",
     "cosmos", "pbi")
 # The arguments a factory has no default for (the rest are the library's
-# defaults). constant(1, 1) is joint training by another path (a check);
+# defaults). constant(1, 1) is joint training by another path: the same
+# run up to rounding, which 1000 Adam steps amplify (a check of the spread);
 # STCH estimates its nadir over the first 100 steps (10 % of the default
 # 1000); COSMOS's lambda_ = 1 as in the toy.
 AGGREGATOR_KWARGS = {
