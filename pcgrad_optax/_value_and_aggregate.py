@@ -8,13 +8,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from pcgrad_optax._core import taps
 from pcgrad_optax._core.gram import leaf_gram, masked_gram
 from pcgrad_optax._core.masks import SharedMask, shared_leaves
 from pcgrad_optax._core.aggregate import combine_leaves
 from pcgrad_optax._core.mesh import vary_like
-from pcgrad_optax._core.stacked import (check_reduction,
+from pcgrad_optax._core.stacked import (NotGramBased, check_reduction,
                                         leaves_accumulation_dtype)
 from pcgrad_optax._core.transform import (GramProbe, GramStep, check_weights,
                                           gram_step_of)
@@ -272,17 +273,28 @@ def _check_not_nnx_module(primals) -> None:
         "nnx.update(model, new_params) after the optimizer step.")
 
 
+# The states of the wrappers that rebuild their inner transformation at
+# every update and pass updates and state through untouched: only these are
+# probed for a Gram-based method inside.
+_PROBED_STATES = (optax.InjectHyperparamsState,
+                  optax.InjectStatefulHyperparamsState)
+
+
 def _query_hook(aggregator, state, params) -> GramStep | None:
   """The GramStep an aggregator answers a :class:`GramProbe` with, or None.
 
-  Reaches Gram-based transformations through wrappers that rebuild them at
-  every update (``optax.inject_hyperparams``); any other aggregator fails on
-  the probe or returns something else, and is not Gram-based here.
+  Only ``optax.inject_hyperparams`` wrappers (recognised by their state) are
+  probed: their inner transformation exists only inside ``update``. A
+  transformation of the package that is not Gram-based rejects the probe
+  with :class:`NotGramBased`; every other error is a genuine one and
+  propagates.
   """
+  if not isinstance(state, _PROBED_STATES):
+    return None
   try:
     found, _ = aggregator.update(GramProbe(lambda h, s: (h, s)), state,
                                  params)
-  except Exception:   # noqa: BLE001 - any failure: not Gram-based
+  except NotGramBased:
     return None
   return found if isinstance(found, GramStep) else None
 
@@ -324,6 +336,16 @@ def _stacked(partial_fn, leaves, has_aux):
   return ((out, aux) if has_aux else out), list(grads)
 
 
+def _on_explicit_mesh(leaves) -> bool:
+  """Whether any leaf lives on a mesh with explicit axes."""
+  for x in leaves:
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if jax.sharding.AxisType.Explicit in tuple(getattr(mesh, "axis_types",
+                                                       ())):
+      return True
+  return False
+
+
 def _task_coefs(weights, mask, t, reduction, acc):
   """Per leaf: ``w`` (shared) or ones (heads), divided by T for "mean"."""
   scale = 1.0 / t if reduction == "mean" else 1.0
@@ -362,7 +384,13 @@ def _gram_engine(traced, dense, leaves, mask, hook, reduction, state,
   losses, out = _split_out(out, has_aux)
   t = losses.shape[0]
   basis = vary_like(jnp.eye(t, dtype=losses.dtype), losses)
-  fb_grads, tap_cts = jax.vmap(vjp_fn)(basis)
+  if fallback and _on_explicit_mesh(leaves):
+    # JAX's batching rule of a convolution's transpose reshapes the task
+    # axis into a batch-sharded operand, which explicit axes reject: pull
+    # the tasks back one at a time (a loop, one compiled body) instead.
+    fb_grads, tap_cts = jax.lax.map(vjp_fn, basis)
+  else:
+    fb_grads, tap_cts = jax.vmap(vjp_fn)(basis)
 
   acc = leaves_accumulation_dtype(leaves)
   gram = jnp.zeros((t, t), acc)

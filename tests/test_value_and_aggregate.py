@@ -510,3 +510,118 @@ def test_nnx_module_as_params_is_refused():
   with pytest.raises(ValueError, match="nnx.split"):
     po.value_and_aggregate(loss, agg)(model, agg.init(None),
                                       jnp.ones((2, 4)))
+
+
+# --- which aggregators are Gram-based: by type, never by a swallowed error --
+
+def test_cr_mogm_on_the_gram_engine():
+  # CR-MOGM's EMA of the weights lives in its state: both engines step it
+  # as its own update does (the first step restarts from the fresh weights).
+  for initial in (None, jnp.asarray([0.2, 0.3, 0.5])):
+    factory = lambda **kw: po.cr_mogm(po.weighting.mgda, 0.5, num_tasks=T,
+                                      keep_gram=True,
+                                      initial_weights=initial, **kw)
+    ref = factory(shared=MLP_MASK)
+    want = run_steps(reference_step(mlp_losses, ref), MLP_PARAMS,
+                     ref.init(MLP_PARAMS), MLP_BATCH)
+    agg = factory()
+    got = run_steps(po.value_and_aggregate(mlp_losses, agg, engine="gram",
+                                           shared=MLP_MASK),
+                    MLP_PARAMS, agg.init(MLP_PARAMS), MLP_BATCH)
+    assert_same_run([(l, u, []) for l, u, _ in got],
+                    [(l, u, []) for l, u, _ in want])
+    _close_states(got, want)
+    assert int(got[-1][2][0]) == 3   # the count
+
+
+def test_not_gram_based_behind_inject_hyperparams_takes_the_stacked_path():
+  inj = optax.inject_hyperparams(po.graddrop)(key=1, shared=MLP_MASK)
+  state = inj.init(MLP_PARAMS)
+  losses, g = po.task_value_and_grad(mlp_losses)(MLP_PARAMS, *MLP_BATCH)
+  ref, _ = inj.update(g, state, MLP_PARAMS)
+  _, update, _ = po.value_and_aggregate(mlp_losses, inj)(
+      MLP_PARAMS, state, *MLP_BATCH)
+  for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="engine='gram' needs a Gram-based"):
+    po.value_and_aggregate(mlp_losses, inj, engine="gram")(
+        MLP_PARAMS, state, *MLP_BATCH)
+
+
+class _Bug(Exception):
+  pass
+
+
+def test_a_bug_inside_an_aggregator_surfaces():
+  # A Gram-based factory with a bug that shows when inject_hyperparams
+  # rebuilds it inside update: the bug propagates on both engines, instead
+  # of reading as "not Gram-based" (a silent fall back to the stacked path,
+  # or engine="gram"'s ValueError).
+  def buggy(c):
+    if isinstance(c, jax.core.Tracer) or float(c) > 0.3:
+      raise _Bug("inside the aggregator")
+    return po.cagrad(c=c)
+
+  inj = optax.inject_hyperparams(buggy)(c=0.1)
+  state = inj.init(MLP_PARAMS)
+  state.hyperparams["c"] = jnp.asarray(0.5)
+  for engine in ("auto", "gram"):
+    with pytest.raises(_Bug, match="inside the aggregator"):
+      po.value_and_aggregate(mlp_losses, inj, engine=engine)(
+          MLP_PARAMS, state, *MLP_BATCH)
+  # A bug in a Gram-based method's weighting surfaces too.
+  def broken(gram):
+    raise _Bug("in the weighting")
+  from pcgrad_optax._core.transform import gram_transform
+  tx = gram_transform(broken, shared=None, reduction="sum", method="broken")
+  with pytest.raises(_Bug, match="in the weighting"):
+    po.value_and_aggregate(mlp_losses, tx)(MLP_PARAMS, tx.init(MLP_PARAMS),
+                                           *MLP_BATCH)
+
+
+def test_every_package_aggregator_is_classified():
+  # Gram-based methods answer a probe with their GramStep (through
+  # inject_hyperparams too); every other one rejects it with NotGramBased.
+  from pcgrad_optax._core.stacked import NotGramBased
+  from pcgrad_optax._core.transform import GramProbe, gram_step_of
+  gram_based = {
+      "pcgrad": {}, "mgda": {}, "upgrad": {}, "cagrad": {}, "dualproj": {},
+      "imtl_g": {}, "aligned_mtl": {}, "config": {}, "nash_mtl": {},
+      "mean": {}, "sum": {}, "fairgrad": {}, "krum": {"num_byzantine": 0},
+      "constant": {"weights": jnp.ones(T)},
+      "cr_mogm": {"weighting": po.weighting.mgda, "num_tasks": T}}
+  stacked_only = {
+      "graddrop": {}, "gradvac": {"num_tasks": T}, "trimmed_mean":
+      {"trim": 0}, "excess_mtl": {"num_tasks": T}, "moco": {"num_tasks": T},
+      "db_mtl": {"num_tasks": T}, "gradnorm": {"num_tasks": T},
+      "sdmgrad": {"num_tasks": T}, "modo": {"num_tasks": T},
+      "rlw": {"num_tasks": T}, "uncertainty": {"num_tasks": T},
+      "dwa": {"num_tasks": T}, "famo": {"num_tasks": T},
+      "imtl_l": {"num_tasks": T}, "geometric_mean": {}}
+  answer = lambda h, s: (h, s)
+  for name, kw in gram_based.items():
+    agg = getattr(po, name)(**kw)
+    assert gram_step_of(agg) is not None, name
+    found, _ = agg.update(GramProbe(answer), agg.init(MLP_PARAMS))
+    assert found is gram_step_of(agg), name
+  for name, kw in stacked_only.items():
+    agg = getattr(po, name)(**kw)
+    assert gram_step_of(agg) is None, name
+    with pytest.raises(NotGramBased):
+      agg.update(GramProbe(answer), agg.init(MLP_PARAMS), MLP_PARAMS)
+
+
+def test_constant_weights_on_the_gram_engine():
+  w = jnp.asarray([0.5, 1.0, 2.0])
+  for kw in ({}, {"num_tasks": T}, {"num_tasks": T, "keep_gram": True}):
+    factory = lambda **k: po.constant(w, **kw, **k)
+    ref = factory(shared=MLP_MASK)
+    want = run_steps(reference_step(mlp_losses, ref), MLP_PARAMS,
+                     ref.init(MLP_PARAMS), MLP_BATCH)
+    agg = factory()
+    got = run_steps(po.value_and_aggregate(mlp_losses, agg, engine="gram",
+                                           shared=MLP_MASK),
+                    MLP_PARAMS, agg.init(MLP_PARAMS), MLP_BATCH)
+    assert_same_run([(l, u, []) for l, u, _ in got],
+                    [(l, u, []) for l, u, _ in want])
+    _close_states(got, want)
