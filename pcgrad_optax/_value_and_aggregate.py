@@ -95,19 +95,23 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
   then takes the stacked engine and ``"gram"`` raises; chain the optimizer
   after this step instead.
 
-  Flax NNX: give the state, not the module. ``graphdef, params, rest =
-  nnx.split(model, nnx.Param, ...)``, a ``loss_fn(params, *batch)`` calling
-  ``nnx.merge(graphdef, params, rest)(...)``, and ``nnx.update(model,
-  optax.apply_updates(params, updates))`` after the optimizer step (an
-  ``nnx.Module`` as ``params`` raises ``ValueError``; state changes of the
-  forward pass such as batch statistics are not written back).
+  Flax NNX: ``params`` may be an ``nnx.Module``, as with
+  ``nnx.value_and_grad``: ``update`` is then an ``nnx.State`` of its
+  ``nnx.Param`` Variables (another filter: ``argnums=nnx.DiffState(0,
+  filter)``), ready for ``nnx.Optimizer.update(model, update)``, ``state =
+  aggregator.init(nnx.state(model, nnx.Param))``, and every other state
+  change of the single forward pass (BatchNorm statistics, Dropout's RNG
+  counts) is written back to the module once. Call it under ``nnx.jit``.
+  An ``nnx.State`` from ``nnx.split`` with ``nnx.merge`` in the loss works
+  too.
 
   Args:
     loss_fn: ``loss_fn(params, *batch)`` returning the ``(T,)`` task losses
       (``((T,), aux)`` with ``has_aux``). Plain functions of param pytrees,
       Flax Linen (``model.apply(params, x)``) and Flax NNX
-      (``nnx.merge(graphdef, params)(x)`` with ``params`` an
-      ``nnx.State``) all work.
+      (``loss_fn(model, *batch)`` on an ``nnx.Module``, or
+      ``nnx.merge(graphdef, params)(x)`` with ``params`` an ``nnx.State``)
+      all work.
     aggregator: a transformation of the package (``pcgrad_optax.pcgrad()``,
       ``pcgrad_optax.upgrad()``, ...), possibly wrapped in
       ``optax.inject_hyperparams``.
@@ -119,7 +123,8 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
       Give it here or to the aggregator, not both; for an aggregator that
       is not Gram-based, give it to the aggregator.
     argnums: which positional argument(s) of ``loss_fn`` to differentiate
-      (``params`` is argument 0); ``update`` mirrors them.
+      (``params`` is argument 0); ``update`` mirrors them. For an NNX
+      module one argnum, or an ``nnx.DiffState(argnum, filter)``.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
 
   Returns:
@@ -164,18 +169,24 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
   hook = gram_step_of(aggregator)
   if hook is not None:
     _check_shared(hook, shared)
+  nnx_argnums = argnums
+  if _is_diff_state(argnums):
+    argnums = argnums.argnum
   single = isinstance(argnums, int)
   argnums_t = (argnums,) if single else tuple(argnums)
 
   def step(params, state, *batch):
     args = (params,) + tuple(batch)
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and any(map(_holds_graph_node, args)):
+      return _nnx_step(nnx, loss_fn, aggregator, engine, shared, nnx_argnums,
+                       has_aux, args, state)
     for a in argnums_t:
       if not isinstance(a, int) or not 0 <= a < len(args):
         raise ValueError(
             f"value_and_aggregate: argnums={argnums} but loss_fn gets "
             f"{len(args)} positional arguments (params and the batch).")
     primals = args[argnums] if single else tuple(args[a] for a in argnums_t)
-    _check_not_nnx_module(primals)
     leaves, treedef = jax.tree.flatten(primals)
     for path, leaf in jax.tree_util.tree_flatten_with_path(primals)[0]:
       if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
@@ -259,18 +270,81 @@ def _check_shared(hook: GramStep, shared) -> None:
         "were given a shared mask; give it once.")
 
 
-def _check_not_nnx_module(primals) -> None:
+def _is_diff_state(x) -> bool:
   nnx = sys.modules.get("flax.nnx")
-  if nnx is None:
-    return
-  is_module = lambda x: isinstance(x, nnx.Module)
-  if any(map(is_module, jax.tree.leaves(primals, is_leaf=is_module))):
+  return nnx is not None and isinstance(x, nnx.DiffState)
+
+
+def _holds_graph_node(x) -> bool:
+  """Whether x is or holds an ``nnx.Module`` (an ``nnx.State``'s Variables
+  are params, as ever)."""
+  nnx = sys.modules["flax.nnx"]
+  is_module = lambda v: isinstance(v, nnx.Module)
+  return any(map(is_module, jax.tree.leaves(x, is_leaf=is_module)))
+
+
+def _nnx_step(nnx, loss_fn, aggregator, engine, shared, argnums, has_aux,
+              args, state):
+  """The step on an NNX graph node, as ``nnx.value_and_grad`` treats one.
+
+  The node is split into the Variables of the filter (``nnx.Param``, or an
+  ``nnx.DiffState``'s) and the rest; the engine runs on the loss as a
+  function of the first (an ``nnx.State``: ``update`` is one), and the rest
+  after the single forward pass (batch statistics, RNG counts) is written
+  back to the node once.
+  """
+  if _is_diff_state(argnums):
+    a, filt = argnums.argnum, argnums.filter
+  elif isinstance(argnums, int):
+    a, filt = argnums, nnx.Param
+  else:
     raise ValueError(
-        "value_and_aggregate: params holds an nnx.Module (or another NNX "
-        "graph node); pass its state instead: graphdef, params, rest = "
-        "nnx.split(model, nnx.Param, ...) and a loss_fn(params, *batch) "
-        "that calls nnx.merge(graphdef, params, rest)(...); then "
-        "nnx.update(model, new_params) after the optimizer step.")
+        "value_and_aggregate: with an NNX module, argnums must be one "
+        f"argnum (an int or an nnx.DiffState), got {argnums!r}.")
+  if not 0 <= a < len(args):
+    raise ValueError(
+        f"value_and_aggregate: argnums={a} but loss_fn gets {len(args)} "
+        "positional arguments (params and the batch).")
+  node = args[a]
+  if not isinstance(node, nnx.Module):
+    raise ValueError(
+        f"value_and_aggregate: argument {a} ({type(node).__name__}) is "
+        "differentiated but another argument holds an NNX module: "
+        "differentiate the module itself (argnums=its position, or "
+        "nnx.DiffState(position, filter)).")
+  others = [i for i in range(len(args)) if i != a]
+  for i in others:
+    if _holds_graph_node(args[i]):
+      raise ValueError(
+          f"value_and_aggregate: argument {i} holds an NNX module too; "
+          "only the differentiated module may be one (pass other state as "
+          "arrays).")
+  graphdef, diff, rest = nnx.split(node, filt, ...)
+
+  def pure(diff_state, *other_values):
+    merged = nnx.merge(graphdef, diff_state, rest, copy=True)
+    full = list(args)
+    full[a] = merged
+    for i, v in zip(others, other_values):
+      full[i] = v
+    out = loss_fn(*full)
+    if has_aux:
+      if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(
+            "value_and_aggregate: has_aux=True but loss_fn did not return "
+            "a (losses, aux) pair.")
+      losses, aux = out
+    else:
+      losses, aux = out, None
+    _, _, new_rest = nnx.split(merged, filt, ...)
+    return losses, (aux, new_rest)
+
+  inner = value_and_aggregate(pure, aggregator, engine=engine,
+                              shared=shared, argnums=0, has_aux=True)
+  (losses, (aux, new_rest)), update, state = inner(
+      diff, state, *[args[i] for i in others])
+  nnx.update(node, new_rest)
+  return ((losses, aux) if has_aux else losses), update, state
 
 
 # The states of the wrappers that rebuild their inner transformation at

@@ -503,13 +503,91 @@ def test_wrappers_that_hide_the_method():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_nnx_module_as_params_is_refused():
-  model = nnx.Linear(4, T, rngs=nnx.Rngs(0))
+class BNDropModel(nnx.Module):
+  """A shared trunk with BatchNorm and Dropout, one output per task."""
+
+  def __init__(self, rngs):
+    self.trunk = nnx.Linear(5, 12, rngs=rngs)
+    self.bn = nnx.BatchNorm(12, rngs=rngs)
+    self.drop = nnx.Dropout(0.3, rngs=rngs)
+    self.mid = nnx.Linear(12, 8, rngs=rngs)
+    self.heads = nnx.Linear(8, T, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.drop(nnx.relu(self.bn(self.trunk(x))))
+    return self.heads(jnp.tanh(self.mid(h)))
+
+
+def _nnx_task_losses(model, x, y):
+  return jnp.mean((model(x) - y) ** 2, axis=0)
+
+
+NNX_MASK = {"trunk": True, "bn": True, "mid": True, "heads": False}
+
+
+def _nnx_run(step_fn, steps=3):
+  """``steps`` SGD steps of a fresh BNDropModel under nnx.jit: per step the
+  losses, update, aggregator state; then the module's non-Param state."""
+  model = BNDropModel(nnx.Rngs(0, dropout=1))
+  agg = po.pcgrad(key=2, num_tasks=T)
+  state = agg.init(nnx.state(model, nnx.Param))
+
+  @nnx.jit
+  def train(model, state, x, y):
+    losses, update, state = step_fn(agg)(model, state, x, y)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p, u: p - 0.1 * u, params, update))
+    return losses, update, state
+
+  outs = []
+  for _ in range(steps):
+    losses, update, state = train(model, state, *MLP_BATCH)
+    outs.append((losses, update, state_leaves(state)))
+  return outs, nnx.state(model, nnx.Not(nnx.Param))
+
+
+def test_nnx_module_batchnorm_dropout():
+  def reference(agg):   # task_value_and_grad on the module, then the update
+    def step(model, state, x, y):
+      losses, grads = po.task_value_and_grad(_nnx_task_losses)(model, x, y)
+      update, state = po.pcgrad(key=2, num_tasks=T, shared=NNX_MASK).update(
+          grads, state, nnx.state(model, nnx.Param))
+      return losses, update, state
+    return step
+
+  want, want_rest = _nnx_run(reference)
+  assert float(jnp.max(jnp.abs(want_rest["bn"]["mean"][...]))) > 0
+  for engine in ("stacked", "gram"):
+    got, rest = _nnx_run(lambda agg: po.value_and_aggregate(
+        _nnx_task_losses, agg, engine=engine, shared=NNX_MASK))
+    assert isinstance(got[0][1], nnx.State)
+    assert_same_run([(l, u, []) for l, u, _ in got],
+                    [(l, u, []) for l, u, _ in want])
+    _close_states(got, want)
+    # Batch statistics and the dropout RNG count moved once per step.
+    for a, b in zip(jax.tree.leaves(rest), jax.tree.leaves(want_rest)):
+      if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a, b = jax.random.key_data(a), jax.random.key_data(b)
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_nnx_module_diff_state_and_errors():
+  # nnx.DiffState(0, filter): only the trunk's Params are differentiated.
+  model = BNDropModel(nnx.Rngs(0, dropout=1))
+  model.eval()
+  filt = nnx.All(nnx.Param, nnx.PathContains("trunk"))
   agg = po.mgda()
-  loss = lambda m, x: jnp.mean(m(x), axis=0)
-  with pytest.raises(ValueError, match="nnx.split"):
-    po.value_and_aggregate(loss, agg)(model, agg.init(None),
-                                      jnp.ones((2, 4)))
+  diff = nnx.state(model, filt)
+  _, update, _ = po.value_and_aggregate(
+      _nnx_task_losses, agg, engine="gram",
+      argnums=nnx.DiffState(0, filt))(model, agg.init(diff), *MLP_BATCH)
+  assert jax.tree.structure(update) == jax.tree.structure(diff)
+  with pytest.raises(ValueError, match="one argnum"):
+    po.value_and_aggregate(_nnx_task_losses, agg, argnums=(0, 1))(
+        model, agg.init(diff), *MLP_BATCH)
+  with pytest.raises(ValueError, match="holds an NNX module too"):
+    po.value_and_aggregate(lambda m, x, other: _nnx_task_losses(m, x, x),
+                           agg)(model, agg.init(diff), MLP_BATCH[0], model)
 
 
 # --- which aggregators are Gram-based: by type, never by a swallowed error --
