@@ -69,10 +69,14 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
     (convolution kernels, embeddings, norm scales, biases, a weight used in
     two places) falls back to its own per-task gradient, whose Gram block
     is one contraction. The aggregator's weighting then gives ``w`` from the
-    Gram matrix and the update is the gradient of :math:`\sum_t w_t L_t`,
-    formed from the same cotangents without a second backward pass:
-    :math:`X^T (\sum_t w_t D_t)` for a dense leaf, :math:`\sum_t w_t g_t`
-    for a fallback one. Needs a Gram-based aggregator (every method whose
+    Gram matrix and the update is the gradient of :math:`\sum_t w_t L_t`:
+    :math:`X^T (\sum_t w_t D_t)` for a dense leaf, from the same
+    cotangents, when every shared leaf is dense; with shared fallback
+    leaves, one more pullback (of :math:`\sum_t w_t L_t`, through the VJP
+    already built) gives the shared leaves' updates, so each fallback
+    leaf's ``(T,) + shape`` gradients are discarded after its Gram block
+    (and the dense cotangents after theirs) instead of being held for the
+    weighted sum; heads get the plain sum of their task gradients. Needs a Gram-based aggregator (every method whose
     weights are a function of the Gram matrix: ``pcgrad``, ``mgda``,
     ``upgrad``, ``cagrad``, ...); ``ValueError`` otherwise.
   * ``"auto"``: ``"gram"`` when the aggregator is Gram-based and at least
@@ -478,12 +482,26 @@ def _gram_engine(traced, dense, leaves, mask, hook, reduction, state,
   weights = check_weights(weights, t, hook.method)
 
   coefs = _task_coefs(weights, mask, t, reduction, acc)
+  pulled = None
+  if any(mask[n] for n in fallback):
+    # One more pullback, of sum_t c_t L_t with the shared leaves'
+    # coefficients: the shared fallback leaves' updates, and the shared
+    # dense leaves' weighted cotangents, come from it, so their per-task
+    # gradients (and cotangents) are dead once their Gram blocks are.
+    shared_coefs = next(c for c, m in zip(coefs, mask) if m)
+    pulled = vjp_fn(vary_like(shared_coefs.astype(losses.dtype), losses))
   update = [None] * len(leaves)
-  for g, n in zip(fb_grads, fallback):
-    update[n] = leaf_weighted_sum(g, coefs[n])
+  for k, (g, n) in enumerate(zip(fb_grads, fallback)):
+    if pulled is not None and mask[n]:
+      update[n] = pulled[0][k].astype(leaves[n].dtype)
+    else:
+      update[n] = leaf_weighted_sum(g, coefs[n])
   for n, u in enumerate(dense):
     if u is not None:
-      d = jnp.tensordot(coefs[n], tap_cts[n].astype(acc), axes=1)
+      if pulled is not None and mask[n]:
+        d = pulled[1][n]
+      else:
+        d = jnp.tensordot(coefs[n], tap_cts[n].astype(acc), axes=1)
       update[n] = taps.dense_update(xs[n], d, u, leaves[n]).astype(
           leaves[n].dtype)
   return out, update, state

@@ -703,3 +703,47 @@ def test_constant_weights_on_the_gram_engine():
     assert_same_run([(l, u, []) for l, u, _ in got],
                     [(l, u, []) for l, u, _ in want])
     _close_states(got, want)
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, its sub-jaxprs' included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        if isinstance(sub, jcore.ClosedJaxpr):
+          yield from _eqns(sub.jaxpr)
+        elif isinstance(sub, jcore.Jaxpr):
+          yield from _eqns(sub)
+
+
+def _sums_over_tasks(step, params, state, batch, shape):
+  """Whether an equation turns a (T,) + shape array into a shape one."""
+  jaxpr = jax.make_jaxpr(step)(params, state, *batch).jaxpr
+  stacked = (T,) + tuple(shape)
+  for eqn in _eqns(jaxpr):
+    ins = {tuple(getattr(v.aval, "shape", ())) for v in eqn.invars
+           if not isinstance(v, jcore.Literal)}
+    outs = {tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars}
+    if stacked in ins and tuple(shape) in outs:
+      return True
+  return False
+
+
+def test_fallback_gradients_are_discarded_after_their_gram_block():
+  # The CNN's convolution kernels fall back: the Gram engine forms their
+  # (T,) + kernel gradients for the Gram block only; their update comes
+  # from the second pullback, so nothing sums them over the tasks.
+  model = CNN()
+  rng = np.random.default_rng(3)
+  x = normal(4, 8, 8, 2, rng=rng)
+  params = model.init(jax.random.key(0), x)
+  batch = (x, normal(4, T, rng=rng))
+  kernel = params["params"]["Conv_0"]["kernel"].shape
+  agg = po.upgrad()
+  gram = po.value_and_aggregate(linen_losses(model), agg, engine="gram",
+                                shared=head_mask)
+  stacked = po.value_and_aggregate(linen_losses(model), agg,
+                                   engine="stacked", shared=head_mask)
+  assert not _sums_over_tasks(gram, params, agg.init(params), batch, kernel)
+  assert _sums_over_tasks(stacked, params, agg.init(params), batch, kernel)
