@@ -76,9 +76,10 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
     already built) gives the shared leaves' updates, so each fallback
     leaf's ``(T,) + shape`` gradients are discarded after its Gram block
     (and the dense cotangents after theirs) instead of being held for the
-    weighted sum; heads get the plain sum of their task gradients. Needs a Gram-based aggregator (every method whose
-    weights are a function of the Gram matrix: ``pcgrad``, ``mgda``,
-    ``upgrad``, ``cagrad``, ...); ``ValueError`` otherwise.
+    weighted sum; heads get the plain sum of their task gradients. Needs
+    a Gram-based aggregator (every method whose weights are a function of
+    the Gram matrix: ``pcgrad``, ``mgda``, ``upgrad``, ``cagrad``,
+    ``cr_mogm``, ``constant``, ...); ``ValueError`` otherwise.
   * ``"auto"``: ``"gram"`` when the aggregator is Gram-based and at least
     half of the shared parameters (by element count) are dense leaves,
     else ``"stacked"``.
@@ -90,14 +91,22 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
   ``gram``) recorded with ``num_tasks=`` are updated as ``aggregator.update``
   updates them.
 
+  Both engines run under ``jit`` over a device mesh (sharded params and
+  batch; explicit axes with or without ``jax.set_mesh``, or auto axes) and
+  give the single-device result; on explicit axes the update has the
+  params' shardings (a model on explicit axes must name the shardings its
+  own ops cannot infer, as without this function).
+
   The Gram-based method is reached through ``aggregator.update`` itself
   (see :class:`pcgrad_optax._core.transform.GramProbe`), so
   ``optax.inject_hyperparams(pcgrad_optax.upgrad)(...)`` works on both
   engines, with the step's injected (or scheduled) hyperparameters and its
-  ``InjectHyperparamsState``. Wrappers that transform ``updates`` (an
-  ``optax.chain`` with the optimizer inside) hide the method: ``"auto"``
-  then takes the stacked engine and ``"gram"`` raises; chain the optimizer
-  after this step instead.
+  ``InjectHyperparamsState`` (only this wrapper is probed, by its state
+  type; a transformation of the package that is not Gram-based answers the
+  probe with ``NotGramBased``, and any other error propagates). Other
+  wrappers (an ``optax.chain`` with the optimizer inside) hide the method:
+  ``"auto"`` then takes the stacked engine and ``"gram"`` raises; chain the
+  optimizer after this step instead.
 
   Flax NNX: ``params`` may be an ``nnx.Module``, as with
   ``nnx.value_and_grad``: ``update`` is then an ``nnx.State`` of its
