@@ -8,13 +8,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from pcgrad_optax._core import taps
 from pcgrad_optax._core.gram import leaf_gram, masked_gram
 from pcgrad_optax._core.masks import SharedMask, shared_leaves
 from pcgrad_optax._core.aggregate import combine_leaves
 from pcgrad_optax._core.mesh import vary_like
-from pcgrad_optax._core.stacked import (check_reduction,
+from pcgrad_optax._core.stacked import (NotGramBased, check_reduction,
                                         leaves_accumulation_dtype)
 from pcgrad_optax._core.transform import (GramProbe, GramStep, check_weights,
                                           gram_step_of)
@@ -68,12 +69,17 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
     (convolution kernels, embeddings, norm scales, biases, a weight used in
     two places) falls back to its own per-task gradient, whose Gram block
     is one contraction. The aggregator's weighting then gives ``w`` from the
-    Gram matrix and the update is the gradient of :math:`\sum_t w_t L_t`,
-    formed from the same cotangents without a second backward pass:
-    :math:`X^T (\sum_t w_t D_t)` for a dense leaf, :math:`\sum_t w_t g_t`
-    for a fallback one. Needs a Gram-based aggregator (every method whose
-    weights are a function of the Gram matrix: ``pcgrad``, ``mgda``,
-    ``upgrad``, ``cagrad``, ...); ``ValueError`` otherwise.
+    Gram matrix and the update is the gradient of :math:`\sum_t w_t L_t`:
+    :math:`X^T (\sum_t w_t D_t)` for a dense leaf, from the same
+    cotangents, when every shared leaf is dense; with shared fallback
+    leaves, one more pullback (of :math:`\sum_t w_t L_t`, through the VJP
+    already built) gives the shared leaves' updates, so each fallback
+    leaf's ``(T,) + shape`` gradients are discarded after its Gram block
+    (and the dense cotangents after theirs) instead of being held for the
+    weighted sum; heads get the plain sum of their task gradients. Needs
+    a Gram-based aggregator (every method whose weights are a function of
+    the Gram matrix: ``pcgrad``, ``mgda``, ``upgrad``, ``cagrad``,
+    ``cr_mogm``, ``constant``, ...); ``ValueError`` otherwise.
   * ``"auto"``: ``"gram"`` when the aggregator is Gram-based and at least
     half of the shared parameters (by element count) are dense leaves,
     else ``"stacked"``.
@@ -85,28 +91,40 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
   ``gram``) recorded with ``num_tasks=`` are updated as ``aggregator.update``
   updates them.
 
+  Both engines run under ``jit`` over a device mesh (sharded params and
+  batch; explicit axes with or without ``jax.set_mesh``, or auto axes) and
+  give the single-device result; on explicit axes the update has the
+  params' shardings (a model on explicit axes must name the shardings its
+  own ops cannot infer, as without this function).
+
   The Gram-based method is reached through ``aggregator.update`` itself
   (see :class:`pcgrad_optax._core.transform.GramProbe`), so
   ``optax.inject_hyperparams(pcgrad_optax.upgrad)(...)`` works on both
   engines, with the step's injected (or scheduled) hyperparameters and its
-  ``InjectHyperparamsState``. Wrappers that transform ``updates`` (an
-  ``optax.chain`` with the optimizer inside) hide the method: ``"auto"``
-  then takes the stacked engine and ``"gram"`` raises; chain the optimizer
-  after this step instead.
+  ``InjectHyperparamsState`` (only this wrapper is probed, by its state
+  type; a transformation of the package that is not Gram-based answers the
+  probe with ``NotGramBased``, and any other error propagates). Other
+  wrappers (an ``optax.chain`` with the optimizer inside) hide the method:
+  ``"auto"`` then takes the stacked engine and ``"gram"`` raises; chain the
+  optimizer after this step instead.
 
-  Flax NNX: give the state, not the module. ``graphdef, params, rest =
-  nnx.split(model, nnx.Param, ...)``, a ``loss_fn(params, *batch)`` calling
-  ``nnx.merge(graphdef, params, rest)(...)``, and ``nnx.update(model,
-  optax.apply_updates(params, updates))`` after the optimizer step (an
-  ``nnx.Module`` as ``params`` raises ``ValueError``; state changes of the
-  forward pass such as batch statistics are not written back).
+  Flax NNX: ``params`` may be an ``nnx.Module``, as with
+  ``nnx.value_and_grad``: ``update`` is then an ``nnx.State`` of its
+  ``nnx.Param`` Variables (another filter: ``argnums=nnx.DiffState(0,
+  filter)``), ready for ``nnx.Optimizer.update(model, update)``, ``state =
+  aggregator.init(nnx.state(model, nnx.Param))``, and every other state
+  change of the single forward pass (BatchNorm statistics, Dropout's RNG
+  counts) is written back to the module once. Call it under ``nnx.jit``.
+  An ``nnx.State`` from ``nnx.split`` with ``nnx.merge`` in the loss works
+  too.
 
   Args:
     loss_fn: ``loss_fn(params, *batch)`` returning the ``(T,)`` task losses
       (``((T,), aux)`` with ``has_aux``). Plain functions of param pytrees,
       Flax Linen (``model.apply(params, x)``) and Flax NNX
-      (``nnx.merge(graphdef, params)(x)`` with ``params`` an
-      ``nnx.State``) all work.
+      (``loss_fn(model, *batch)`` on an ``nnx.Module``, or
+      ``nnx.merge(graphdef, params)(x)`` with ``params`` an ``nnx.State``)
+      all work.
     aggregator: a transformation of the package (``pcgrad_optax.pcgrad()``,
       ``pcgrad_optax.upgrad()``, ...), possibly wrapped in
       ``optax.inject_hyperparams``.
@@ -118,7 +136,8 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
       Give it here or to the aggregator, not both; for an aggregator that
       is not Gram-based, give it to the aggregator.
     argnums: which positional argument(s) of ``loss_fn`` to differentiate
-      (``params`` is argument 0); ``update`` mirrors them.
+      (``params`` is argument 0); ``update`` mirrors them. For an NNX
+      module one argnum, or an ``nnx.DiffState(argnum, filter)``.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
 
   Returns:
@@ -163,18 +182,24 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
   hook = gram_step_of(aggregator)
   if hook is not None:
     _check_shared(hook, shared)
+  nnx_argnums = argnums
+  if _is_diff_state(argnums):
+    argnums = argnums.argnum
   single = isinstance(argnums, int)
   argnums_t = (argnums,) if single else tuple(argnums)
 
   def step(params, state, *batch):
     args = (params,) + tuple(batch)
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and any(map(_holds_graph_node, args)):
+      return _nnx_step(nnx, loss_fn, aggregator, engine, shared, nnx_argnums,
+                       has_aux, args, state)
     for a in argnums_t:
       if not isinstance(a, int) or not 0 <= a < len(args):
         raise ValueError(
             f"value_and_aggregate: argnums={argnums} but loss_fn gets "
             f"{len(args)} positional arguments (params and the batch).")
     primals = args[argnums] if single else tuple(args[a] for a in argnums_t)
-    _check_not_nnx_module(primals)
     leaves, treedef = jax.tree.flatten(primals)
     for path, leaf in jax.tree_util.tree_flatten_with_path(primals)[0]:
       if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
@@ -258,31 +283,105 @@ def _check_shared(hook: GramStep, shared) -> None:
         "were given a shared mask; give it once.")
 
 
-def _check_not_nnx_module(primals) -> None:
+def _is_diff_state(x) -> bool:
   nnx = sys.modules.get("flax.nnx")
-  if nnx is None:
-    return
-  is_module = lambda x: isinstance(x, nnx.Module)
-  if any(map(is_module, jax.tree.leaves(primals, is_leaf=is_module))):
+  return nnx is not None and isinstance(x, nnx.DiffState)
+
+
+def _holds_graph_node(x) -> bool:
+  """Whether x is or holds an ``nnx.Module`` (an ``nnx.State``'s Variables
+  are params, as ever)."""
+  nnx = sys.modules["flax.nnx"]
+  is_module = lambda v: isinstance(v, nnx.Module)
+  return any(map(is_module, jax.tree.leaves(x, is_leaf=is_module)))
+
+
+def _nnx_step(nnx, loss_fn, aggregator, engine, shared, argnums, has_aux,
+              args, state):
+  """The step on an NNX graph node, as ``nnx.value_and_grad`` treats one.
+
+  The node is split into the Variables of the filter (``nnx.Param``, or an
+  ``nnx.DiffState``'s) and the rest; the engine runs on the loss as a
+  function of the first (an ``nnx.State``: ``update`` is one), and the rest
+  after the single forward pass (batch statistics, RNG counts) is written
+  back to the node once.
+  """
+  if _is_diff_state(argnums):
+    a, filt = argnums.argnum, argnums.filter
+  elif isinstance(argnums, int):
+    a, filt = argnums, nnx.Param
+  else:
     raise ValueError(
-        "value_and_aggregate: params holds an nnx.Module (or another NNX "
-        "graph node); pass its state instead: graphdef, params, rest = "
-        "nnx.split(model, nnx.Param, ...) and a loss_fn(params, *batch) "
-        "that calls nnx.merge(graphdef, params, rest)(...); then "
-        "nnx.update(model, new_params) after the optimizer step.")
+        "value_and_aggregate: with an NNX module, argnums must be one "
+        f"argnum (an int or an nnx.DiffState), got {argnums!r}.")
+  if not 0 <= a < len(args):
+    raise ValueError(
+        f"value_and_aggregate: argnums={a} but loss_fn gets {len(args)} "
+        "positional arguments (params and the batch).")
+  node = args[a]
+  if not isinstance(node, nnx.Module):
+    raise ValueError(
+        f"value_and_aggregate: argument {a} ({type(node).__name__}) is "
+        "differentiated but another argument holds an NNX module: "
+        "differentiate the module itself (argnums=its position, or "
+        "nnx.DiffState(position, filter)).")
+  others = [i for i in range(len(args)) if i != a]
+  for i in others:
+    if _holds_graph_node(args[i]):
+      raise ValueError(
+          f"value_and_aggregate: argument {i} holds an NNX module too; "
+          "only the differentiated module may be one (pass other state as "
+          "arrays).")
+  graphdef, diff, rest = nnx.split(node, filt, ...)
+
+  def pure(diff_state, *other_values):
+    merged = nnx.merge(graphdef, diff_state, rest, copy=True)
+    full = list(args)
+    full[a] = merged
+    for i, v in zip(others, other_values):
+      full[i] = v
+    out = loss_fn(*full)
+    if has_aux:
+      if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(
+            "value_and_aggregate: has_aux=True but loss_fn did not return "
+            "a (losses, aux) pair.")
+      losses, aux = out
+    else:
+      losses, aux = out, None
+    _, _, new_rest = nnx.split(merged, filt, ...)
+    return losses, (aux, new_rest)
+
+  inner = value_and_aggregate(pure, aggregator, engine=engine,
+                              shared=shared, argnums=0, has_aux=True)
+  (losses, (aux, new_rest)), update, state = inner(
+      diff, state, *[args[i] for i in others])
+  nnx.update(node, new_rest)
+  return ((losses, aux) if has_aux else losses), update, state
+
+
+# The states of the wrappers that rebuild their inner transformation at
+# every update and pass updates and state through untouched: only these are
+# probed for a Gram-based method inside.
+_PROBED_STATES = (optax.InjectHyperparamsState,
+                  optax.InjectStatefulHyperparamsState)
 
 
 def _query_hook(aggregator, state, params) -> GramStep | None:
   """The GramStep an aggregator answers a :class:`GramProbe` with, or None.
 
-  Reaches Gram-based transformations through wrappers that rebuild them at
-  every update (``optax.inject_hyperparams``); any other aggregator fails on
-  the probe or returns something else, and is not Gram-based here.
+  Only ``optax.inject_hyperparams`` wrappers (recognised by their state) are
+  probed: their inner transformation exists only inside ``update``. A
+  transformation of the package that is not Gram-based rejects the probe
+  with :class:`NotGramBased`; every other error is a genuine one and
+  propagates.
   """
+  if not isinstance(state, _PROBED_STATES):
+    return None
   try:
     found, _ = aggregator.update(GramProbe(lambda h, s: (h, s)), state,
                                  params)
-  except Exception:   # noqa: BLE001 - any failure: not Gram-based
+  except NotGramBased:
     return None
   return found if isinstance(found, GramStep) else None
 
@@ -324,6 +423,16 @@ def _stacked(partial_fn, leaves, has_aux):
   return ((out, aux) if has_aux else out), list(grads)
 
 
+def _on_explicit_mesh(leaves) -> bool:
+  """Whether any leaf lives on a mesh with explicit axes."""
+  for x in leaves:
+    mesh = getattr(getattr(jax.typeof(x), "sharding", None), "mesh", None)
+    if jax.sharding.AxisType.Explicit in tuple(getattr(mesh, "axis_types",
+                                                       ())):
+      return True
+  return False
+
+
 def _task_coefs(weights, mask, t, reduction, acc):
   """Per leaf: ``w`` (shared) or ones (heads), divided by T for "mean"."""
   scale = 1.0 / t if reduction == "mean" else 1.0
@@ -362,7 +471,13 @@ def _gram_engine(traced, dense, leaves, mask, hook, reduction, state,
   losses, out = _split_out(out, has_aux)
   t = losses.shape[0]
   basis = vary_like(jnp.eye(t, dtype=losses.dtype), losses)
-  fb_grads, tap_cts = jax.vmap(vjp_fn)(basis)
+  if fallback and _on_explicit_mesh(leaves):
+    # JAX's batching rule of a convolution's transpose reshapes the task
+    # axis into a batch-sharded operand, which explicit axes reject: pull
+    # the tasks back one at a time (a loop, one compiled body) instead.
+    fb_grads, tap_cts = jax.lax.map(vjp_fn, basis)
+  else:
+    fb_grads, tap_cts = jax.vmap(vjp_fn)(basis)
 
   acc = leaves_accumulation_dtype(leaves)
   gram = jnp.zeros((t, t), acc)
@@ -376,12 +491,26 @@ def _gram_engine(traced, dense, leaves, mask, hook, reduction, state,
   weights = check_weights(weights, t, hook.method)
 
   coefs = _task_coefs(weights, mask, t, reduction, acc)
+  pulled = None
+  if any(mask[n] for n in fallback):
+    # One more pullback, of sum_t c_t L_t with the shared leaves'
+    # coefficients: the shared fallback leaves' updates, and the shared
+    # dense leaves' weighted cotangents, come from it, so their per-task
+    # gradients (and cotangents) are dead once their Gram blocks are.
+    shared_coefs = next(c for c, m in zip(coefs, mask) if m)
+    pulled = vjp_fn(vary_like(shared_coefs.astype(losses.dtype), losses))
   update = [None] * len(leaves)
-  for g, n in zip(fb_grads, fallback):
-    update[n] = leaf_weighted_sum(g, coefs[n])
+  for k, (g, n) in enumerate(zip(fb_grads, fallback)):
+    if pulled is not None and mask[n]:
+      update[n] = pulled[0][k].astype(leaves[n].dtype)
+    else:
+      update[n] = leaf_weighted_sum(g, coefs[n])
   for n, u in enumerate(dense):
     if u is not None:
-      d = jnp.tensordot(coefs[n], tap_cts[n].astype(acc), axes=1)
+      if pulled is not None and mask[n]:
+        d = pulled[1][n]
+      else:
+        d = jnp.tensordot(coefs[n], tap_cts[n].astype(acc), axes=1)
       update[n] = taps.dense_update(xs[n], d, u, leaves[n]).astype(
           leaves[n].dtype)
   return out, update, state

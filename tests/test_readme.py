@@ -21,7 +21,7 @@ def test_readme_nnx_example_runs():
   # and dropout RNG count move once per step, as with nnx.value_and_grad.
   section = README.read_text().split("## Flax NNX", 1)[1].split("\n## ", 1)[0]
   blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-  assert len(blocks) == 1, "the Flax NNX section has one python example"
+  assert len(blocks) == 2, "the Flax NNX section has two python examples"
   namespace = {}
   exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
   model, optimizer = namespace["model"], namespace["optimizer"]
@@ -31,6 +31,11 @@ def test_readme_nnx_example_runs():
   assert float(abs(model.bn.mean[...]).max()) > 0     # the batch stats moved
   assert namespace["predictions"].shape == (32, 2)
   assert namespace["losses"].shape == (2,)
+  # The second: value_and_aggregate's Gram engine on the module itself.
+  exec(compile(blocks[1], "README.md", "exec"), namespace)  # noqa: S102
+  assert namespace["losses"].shape == (2,)
+  assert int(namespace["agg_state"].count) == 1
+  assert int(model.drop.rngs.count[...]) == steps + 1
 
 
 def test_quickstart_has_exactly_two_commands():

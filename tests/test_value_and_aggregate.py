@@ -503,10 +503,247 @@ def test_wrappers_that_hide_the_method():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_nnx_module_as_params_is_refused():
-  model = nnx.Linear(4, T, rngs=nnx.Rngs(0))
+class BNDropModel(nnx.Module):
+  """A shared trunk with BatchNorm and Dropout, one output per task."""
+
+  def __init__(self, rngs):
+    self.trunk = nnx.Linear(5, 12, rngs=rngs)
+    self.bn = nnx.BatchNorm(12, rngs=rngs)
+    self.drop = nnx.Dropout(0.3, rngs=rngs)
+    self.mid = nnx.Linear(12, 8, rngs=rngs)
+    self.heads = nnx.Linear(8, T, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.drop(nnx.relu(self.bn(self.trunk(x))))
+    return self.heads(jnp.tanh(self.mid(h)))
+
+
+def _nnx_task_losses(model, x, y):
+  return jnp.mean((model(x) - y) ** 2, axis=0)
+
+
+NNX_MASK = {"trunk": True, "bn": True, "mid": True, "heads": False}
+
+
+def _nnx_run(step_fn, steps=3):
+  """``steps`` SGD steps of a fresh BNDropModel under nnx.jit: per step the
+  losses, update, aggregator state; then the module's non-Param state."""
+  model = BNDropModel(nnx.Rngs(0, dropout=1))
+  agg = po.pcgrad(key=2, num_tasks=T)
+  state = agg.init(nnx.state(model, nnx.Param))
+
+  @nnx.jit
+  def train(model, state, x, y):
+    losses, update, state = step_fn(agg)(model, state, x, y)
+    params = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p, u: p - 0.1 * u, params, update))
+    return losses, update, state
+
+  outs = []
+  for _ in range(steps):
+    losses, update, state = train(model, state, *MLP_BATCH)
+    outs.append((losses, update, state_leaves(state)))
+  return outs, nnx.state(model, nnx.Not(nnx.Param))
+
+
+def test_nnx_module_batchnorm_dropout():
+  def reference(agg):   # task_value_and_grad on the module, then the update
+    def step(model, state, x, y):
+      losses, grads = po.task_value_and_grad(_nnx_task_losses)(model, x, y)
+      update, state = po.pcgrad(key=2, num_tasks=T, shared=NNX_MASK).update(
+          grads, state, nnx.state(model, nnx.Param))
+      return losses, update, state
+    return step
+
+  want, want_rest = _nnx_run(reference)
+  assert float(jnp.max(jnp.abs(want_rest["bn"]["mean"][...]))) > 0
+  for engine in ("stacked", "gram"):
+    got, rest = _nnx_run(lambda agg: po.value_and_aggregate(
+        _nnx_task_losses, agg, engine=engine, shared=NNX_MASK))
+    assert isinstance(got[0][1], nnx.State)
+    assert_same_run([(l, u, []) for l, u, _ in got],
+                    [(l, u, []) for l, u, _ in want])
+    _close_states(got, want)
+    # Batch statistics and the dropout RNG count moved once per step.
+    for a, b in zip(jax.tree.leaves(rest), jax.tree.leaves(want_rest)):
+      if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        a, b = jax.random.key_data(a), jax.random.key_data(b)
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_nnx_module_diff_state_and_errors():
+  # nnx.DiffState(0, filter): only the trunk's Params are differentiated.
+  model = BNDropModel(nnx.Rngs(0, dropout=1))
+  model.eval()
+  filt = nnx.All(nnx.Param, nnx.PathContains("trunk"))
   agg = po.mgda()
-  loss = lambda m, x: jnp.mean(m(x), axis=0)
-  with pytest.raises(ValueError, match="nnx.split"):
-    po.value_and_aggregate(loss, agg)(model, agg.init(None),
-                                      jnp.ones((2, 4)))
+  diff = nnx.state(model, filt)
+  _, update, _ = po.value_and_aggregate(
+      _nnx_task_losses, agg, engine="gram",
+      argnums=nnx.DiffState(0, filt))(model, agg.init(diff), *MLP_BATCH)
+  assert jax.tree.structure(update) == jax.tree.structure(diff)
+  with pytest.raises(ValueError, match="one argnum"):
+    po.value_and_aggregate(_nnx_task_losses, agg, argnums=(0, 1))(
+        model, agg.init(diff), *MLP_BATCH)
+  with pytest.raises(ValueError, match="holds an NNX module too"):
+    po.value_and_aggregate(lambda m, x, other: _nnx_task_losses(m, x, x),
+                           agg)(model, agg.init(diff), MLP_BATCH[0], model)
+
+
+# --- which aggregators are Gram-based: by type, never by a swallowed error --
+
+def test_cr_mogm_on_the_gram_engine():
+  # CR-MOGM's EMA of the weights lives in its state: both engines step it
+  # as its own update does (the first step restarts from the fresh weights).
+  for initial in (None, jnp.asarray([0.2, 0.3, 0.5])):
+    factory = lambda **kw: po.cr_mogm(po.weighting.mgda, 0.5, num_tasks=T,
+                                      keep_gram=True,
+                                      initial_weights=initial, **kw)
+    ref = factory(shared=MLP_MASK)
+    want = run_steps(reference_step(mlp_losses, ref), MLP_PARAMS,
+                     ref.init(MLP_PARAMS), MLP_BATCH)
+    agg = factory()
+    got = run_steps(po.value_and_aggregate(mlp_losses, agg, engine="gram",
+                                           shared=MLP_MASK),
+                    MLP_PARAMS, agg.init(MLP_PARAMS), MLP_BATCH)
+    assert_same_run([(l, u, []) for l, u, _ in got],
+                    [(l, u, []) for l, u, _ in want])
+    _close_states(got, want)
+    assert int(got[-1][2][0]) == 3   # the count
+
+
+def test_not_gram_based_behind_inject_hyperparams_takes_the_stacked_path():
+  inj = optax.inject_hyperparams(po.graddrop)(key=1, shared=MLP_MASK)
+  state = inj.init(MLP_PARAMS)
+  losses, g = po.task_value_and_grad(mlp_losses)(MLP_PARAMS, *MLP_BATCH)
+  ref, _ = inj.update(g, state, MLP_PARAMS)
+  _, update, _ = po.value_and_aggregate(mlp_losses, inj)(
+      MLP_PARAMS, state, *MLP_BATCH)
+  for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="engine='gram' needs a Gram-based"):
+    po.value_and_aggregate(mlp_losses, inj, engine="gram")(
+        MLP_PARAMS, state, *MLP_BATCH)
+
+
+class _Bug(Exception):
+  pass
+
+
+def test_a_bug_inside_an_aggregator_surfaces():
+  # A Gram-based factory with a bug that shows when inject_hyperparams
+  # rebuilds it inside update: the bug propagates on both engines, instead
+  # of reading as "not Gram-based" (a silent fall back to the stacked path,
+  # or engine="gram"'s ValueError).
+  def buggy(c):
+    if isinstance(c, jax.core.Tracer) or float(c) > 0.3:
+      raise _Bug("inside the aggregator")
+    return po.cagrad(c=c)
+
+  inj = optax.inject_hyperparams(buggy)(c=0.1)
+  state = inj.init(MLP_PARAMS)
+  state.hyperparams["c"] = jnp.asarray(0.5)
+  for engine in ("auto", "gram"):
+    with pytest.raises(_Bug, match="inside the aggregator"):
+      po.value_and_aggregate(mlp_losses, inj, engine=engine)(
+          MLP_PARAMS, state, *MLP_BATCH)
+  # A bug in a Gram-based method's weighting surfaces too.
+  def broken(gram):
+    raise _Bug("in the weighting")
+  from pcgrad_optax._core.transform import gram_transform
+  tx = gram_transform(broken, shared=None, reduction="sum", method="broken")
+  with pytest.raises(_Bug, match="in the weighting"):
+    po.value_and_aggregate(mlp_losses, tx)(MLP_PARAMS, tx.init(MLP_PARAMS),
+                                           *MLP_BATCH)
+
+
+def test_every_package_aggregator_is_classified():
+  # Gram-based methods answer a probe with their GramStep (through
+  # inject_hyperparams too); every other one rejects it with NotGramBased.
+  from pcgrad_optax._core.stacked import NotGramBased
+  from pcgrad_optax._core.transform import GramProbe, gram_step_of
+  gram_based = {
+      "pcgrad": {}, "mgda": {}, "upgrad": {}, "cagrad": {}, "dualproj": {},
+      "imtl_g": {}, "aligned_mtl": {}, "config": {}, "nash_mtl": {},
+      "mean": {}, "sum": {}, "fairgrad": {}, "krum": {"num_byzantine": 0},
+      "constant": {"weights": jnp.ones(T)},
+      "cr_mogm": {"weighting": po.weighting.mgda, "num_tasks": T}}
+  stacked_only = {
+      "graddrop": {}, "gradvac": {"num_tasks": T}, "trimmed_mean":
+      {"trim": 0}, "excess_mtl": {"num_tasks": T}, "moco": {"num_tasks": T},
+      "db_mtl": {"num_tasks": T}, "gradnorm": {"num_tasks": T},
+      "sdmgrad": {"num_tasks": T}, "modo": {"num_tasks": T},
+      "rlw": {"num_tasks": T}, "uncertainty": {"num_tasks": T},
+      "dwa": {"num_tasks": T}, "famo": {"num_tasks": T},
+      "imtl_l": {"num_tasks": T}, "geometric_mean": {}}
+  answer = lambda h, s: (h, s)
+  for name, kw in gram_based.items():
+    agg = getattr(po, name)(**kw)
+    assert gram_step_of(agg) is not None, name
+    found, _ = agg.update(GramProbe(answer), agg.init(MLP_PARAMS))
+    assert found is gram_step_of(agg), name
+  for name, kw in stacked_only.items():
+    agg = getattr(po, name)(**kw)
+    assert gram_step_of(agg) is None, name
+    with pytest.raises(NotGramBased):
+      agg.update(GramProbe(answer), agg.init(MLP_PARAMS), MLP_PARAMS)
+
+
+def test_constant_weights_on_the_gram_engine():
+  w = jnp.asarray([0.5, 1.0, 2.0])
+  for kw in ({}, {"num_tasks": T}, {"num_tasks": T, "keep_gram": True}):
+    factory = lambda **k: po.constant(w, **kw, **k)
+    ref = factory(shared=MLP_MASK)
+    want = run_steps(reference_step(mlp_losses, ref), MLP_PARAMS,
+                     ref.init(MLP_PARAMS), MLP_BATCH)
+    agg = factory()
+    got = run_steps(po.value_and_aggregate(mlp_losses, agg, engine="gram",
+                                           shared=MLP_MASK),
+                    MLP_PARAMS, agg.init(MLP_PARAMS), MLP_BATCH)
+    assert_same_run([(l, u, []) for l, u, _ in got],
+                    [(l, u, []) for l, u, _ in want])
+    _close_states(got, want)
+
+
+def _eqns(jaxpr):
+  """Every equation of a jaxpr, its sub-jaxprs' included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        if isinstance(sub, jcore.ClosedJaxpr):
+          yield from _eqns(sub.jaxpr)
+        elif isinstance(sub, jcore.Jaxpr):
+          yield from _eqns(sub)
+
+
+def _sums_over_tasks(step, params, state, batch, shape):
+  """Whether an equation turns a (T,) + shape array into a shape one."""
+  jaxpr = jax.make_jaxpr(step)(params, state, *batch).jaxpr
+  stacked = (T,) + tuple(shape)
+  for eqn in _eqns(jaxpr):
+    ins = {tuple(getattr(v.aval, "shape", ())) for v in eqn.invars
+           if not isinstance(v, jcore.Literal)}
+    outs = {tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars}
+    if stacked in ins and tuple(shape) in outs:
+      return True
+  return False
+
+
+def test_fallback_gradients_are_discarded_after_their_gram_block():
+  # The CNN's convolution kernels fall back: the Gram engine forms their
+  # (T,) + kernel gradients for the Gram block only; their update comes
+  # from the second pullback, so nothing sums them over the tasks.
+  model = CNN()
+  rng = np.random.default_rng(3)
+  x = normal(4, 8, 8, 2, rng=rng)
+  params = model.init(jax.random.key(0), x)
+  batch = (x, normal(4, T, rng=rng))
+  kernel = params["params"]["Conv_0"]["kernel"].shape
+  agg = po.upgrad()
+  gram = po.value_and_aggregate(linen_losses(model), agg, engine="gram",
+                                shared=head_mask)
+  stacked = po.value_and_aggregate(linen_losses(model), agg,
+                                   engine="stacked", shared=head_mask)
+  assert not _sums_over_tasks(gram, params, agg.init(params), batch, kernel)
+  assert _sums_over_tasks(stacked, params, agg.init(params), batch, kernel)

@@ -43,6 +43,16 @@ def check_reduction(reduction: str) -> None:
         f"Unknown reduction {reduction!r}; expected one of {REDUCTIONS}.")
 
 
+class NotGramBased(ValueError):
+  """A transformation that is not Gram-based was handed a ``GramProbe``.
+
+  Raised by :func:`num_tasks`, which every transformation of the package
+  calls on its stacked gradients, so that
+  :func:`pcgrad_optax.value_and_aggregate` can tell "not Gram-based" from
+  any other error (which it lets through).
+  """
+
+
 def num_tasks(stacked: PyTree, params: PyTree | None = None) -> int:
   """Validates stacked per-task gradients and returns the number of tasks T.
 
@@ -60,6 +70,10 @@ def num_tasks(stacked: PyTree, params: PyTree | None = None) -> int:
     ValueError: naming the offending leaf and its shapes, when a leaf is not a
       floating array, has no task axis, or the task axes disagree.
   """
+  if getattr(type(stacked), "gram_probe", False) is True:
+    raise NotGramBased(
+        "This transformation is not Gram-based: it needs the stacked "
+        "per-task gradients, not a GramProbe.")
   leaves = jax.tree_util.tree_flatten_with_path(stacked)[0]
   if not leaves:
     raise ValueError("The stacked gradients have no leaves.")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from pcgrad_optax._core.mesh import explicit_spec, on_mesh_of
 from pcgrad_optax._core.stacked import accumulation_dtype
 
 # Ops between a param and its dot_general that only change its layout or
@@ -151,10 +152,22 @@ def tapped_fn(closed_jaxpr, num_params: int, dense: list[DenseUse | None],
   return f
 
 
+def _zeros_of(aval):
+  """Zeros of an aval, with its sharding where an explicit axis shards it.
+
+  (So the tap's cotangent, the layer's output cotangent, keeps the
+  output's sharding instead of being gathered to a replicated tap.)
+  """
+  sharding = getattr(aval, "sharding", None)
+  spec = tuple(getattr(sharding, "spec", ()))
+  if any(x is not None for x in spec):
+    return jnp.zeros(aval.shape, aval.dtype, out_sharding=sharding)
+  return jnp.zeros(aval.shape, aval.dtype)
+
+
 def zero_taps(dense: list[DenseUse | None]) -> list:
   """Zeros of each tapped ``dot_general``'s output (None elsewhere)."""
-  return [None if u is None else
-          jnp.zeros(u.eqn.outvars[0].aval.shape, u.eqn.outvars[0].aval.dtype)
+  return [None if u is None else _zeros_of(u.eqn.outvars[0].aval)
           for u in dense]
 
 
@@ -181,15 +194,37 @@ def _dims(use: DenseUse, x_ndim: int):
 def _as_bnc(x, d, use: DenseUse):
   """X as ``(B, N, C)`` and the stacked ``D`` as ``(T, B, N, F)``."""
   xb, xf, xc, ob, oxf, owf = _dims(use, x.ndim)
-  size = lambda a, dims: math.prod(a.shape[i] for i in dims)
-  xr = jnp.transpose(x, xb + xf + xc).reshape(
-      size(x, xb), size(x, xf), size(x, xc))
+  xr = _grouped(jnp.transpose(x, xb + xf + xc),
+                [len(xb), len(xf), len(xc)])
   perm = [0] + [1 + i for i in ob + oxf + owf]
-  dd = d.shape[1:]
-  dr = jnp.transpose(d, perm).reshape(
-      d.shape[0], math.prod(dd[i] for i in ob),
-      math.prod(dd[i] for i in oxf), math.prod(dd[i] for i in owf))
+  dr = _grouped(jnp.transpose(d, perm), [1, len(ob), len(oxf), len(owf)])
   return xr, dr
+
+
+def _grouped(a, sizes):
+  """``a`` reshaped to one axis per group of ``sizes`` consecutive axes.
+
+  On explicit mesh axes a merged axis keeps the sharding of its group's
+  first axis when the group's other axes are unsharded (a merge JAX
+  accepts once it is named); any other sharded axis is gathered first.
+  """
+  starts = [sum(sizes[:k]) for k in range(len(sizes))]
+  shape = tuple(math.prod(a.shape[s:s + n]) for s, n in zip(starts, sizes))
+  spec = explicit_spec(a)
+  if spec is None:
+    return a.reshape(shape)
+  spec = tuple(spec) + (None,) * (a.ndim - len(spec))
+  keep, merged = list(spec), []
+  for s, n in zip(starts, sizes):
+    if n == 0:
+      merged.append(None)
+      continue
+    for i in range(s + 1, s + n):
+      keep[i] = None
+    merged.append(keep[s])
+  if tuple(keep) != spec:
+    a = jax.sharding.reshard(a, on_mesh_of(a, *keep))
+  return jax.lax.reshape(a, shape, out_sharding=on_mesh_of(a, *merged))
 
 
 def uses_x_gram(x_shape_bnc, t: int) -> bool:
@@ -220,14 +255,56 @@ def dense_gram(x, d, use: DenseUse) -> jax.Array:
   """
   acc = accumulation_dtype(jnp.result_type(x.dtype, d.dtype))
   xr, dr = _as_bnc(x, d, use)
+  out = _out_shardings(xr, dr)
+  xs, ds = _specs(xr, 3), _specs(dr, 4)
   hi = dict(precision=lax.Precision.HIGHEST, preferred_element_type=acc)
   t = dr.shape[0]
   if uses_x_gram((xr.shape[0],) + xr.shape[1:] + dr.shape[-1:], t):
-    kx = jnp.einsum("bnc,bmc->bnm", xr, xr, **hi)
-    e = jnp.einsum("bnm,tbmf->tbnf", kx, dr.astype(acc), **hi)
-    return jnp.einsum("sbnf,tbnf->st", dr.astype(acc), e, **hi)
-  g = jnp.einsum("bnc,tbnf->tbcf", xr, dr, **hi)
-  return jnp.einsum("sbcf,tbcf->st", g, g, **hi)
+    kx = jnp.einsum("bnc,bmc->bnm", xr, xr, out_sharding=out(xs[:2]), **hi)
+    e = jnp.einsum("bnm,tbmf->tbnf", kx, dr.astype(acc),
+                   out_sharding=out((None,) + xs[:2] + ds[3:]), **hi)
+    return jnp.einsum("sbnf,tbnf->st", dr.astype(acc), e,
+                      out_sharding=out(()), **hi)
+  g = jnp.einsum("bnc,tbnf->tbcf", xr, dr,
+                 out_sharding=out((None, xs[0], xs[2], ds[3])), **hi)
+  return jnp.einsum("sbcf,tbcf->st", g, g, out_sharding=out(()), **hi)
+
+
+def _specs(a, ndim: int) -> tuple:
+  """a's PartitionSpec entries, one per dim (None where unsharded)."""
+  spec = tuple(explicit_spec(a) or ())
+  return spec + (None,) * (ndim - len(spec))
+
+
+def _mesh_axes(entry) -> tuple:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
+
+
+def _out_shardings(xr, dr):
+  """``out(spec)``: the ``out_sharding`` of a contraction of ``xr``/``dr``.
+
+  None (the compiler's choice) unless an explicit mesh axis shards one of
+  them; then ``spec`` on their mesh, each mesh axis kept at its first use
+  only (an output may not be sharded twice over one axis).
+  """
+  ref = next((a for a in (xr, dr) if explicit_spec(a) is not None), None)
+
+  def out(spec):
+    if ref is None:
+      return None
+    seen, clean = set(), []
+    for entry in spec:
+      axes = _mesh_axes(entry)
+      if not axes or seen & set(axes):
+        clean.append(None)
+      else:
+        seen |= set(axes)
+        clean.append(entry)
+    return on_mesh_of(ref, *clean)
+
+  return out
 
 
 def dense_update(x, d_weighted, use: DenseUse, param):
@@ -246,8 +323,29 @@ def dense_update(x, d_weighted, use: DenseUse, param):
     return eqn.primitive.bind(*operands,
                               **eqn.primitive.get_bind_params(eqn.params))
 
-  out_dtype = eqn.outvars[0].aval.dtype
-  (g,) = jax.linear_transpose(
-      forward, jax.ShapeDtypeStruct(param.shape, param.dtype))(
-          d_weighted.astype(out_dtype))
+  out_aval = eqn.outvars[0].aval
+  d_weighted = d_weighted.astype(out_aval.dtype)
+  if _explicitly_sharded(out_aval) or explicit_spec(d_weighted) is not None:
+    # Under explicit axes the cotangent must have the output's exact type.
+    d_weighted = jax.sharding.reshard(d_weighted, out_aval.sharding)
+  primal = jax.ShapeDtypeStruct(param.shape, param.dtype,
+                                sharding=_explicit_sharding(param))
+  (g,) = jax.linear_transpose(forward, primal)(d_weighted)
   return g
+
+
+def _explicitly_sharded(aval) -> bool:
+  spec = tuple(getattr(getattr(aval, "sharding", None), "spec", ()))
+  return any(x is not None for x in spec)
+
+
+def _explicit_sharding(x):
+  """x's sharding when it lives on a mesh with explicit axes, else None.
+
+  (Replicated too: a transpose that contracts a sharded batch axis needs
+  to know that the gradient is replicated, with or without jax.set_mesh.)
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  types = getattr(mesh, "axis_types", ())
+  return sharding if jax.sharding.AxisType.Explicit in tuple(types) else None

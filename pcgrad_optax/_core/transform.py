@@ -241,16 +241,35 @@ class GramProbe:
   :func:`gram_aggregator` returns ``run(gram_step, state)`` (a pair
   ``(result, new_state)``) instead of aggregating: how
   :func:`pcgrad_optax.value_and_aggregate` reaches the method through
-  wrappers that rebuild it at every update and pass ``updates`` and
-  ``state`` through untouched (``optax.inject_hyperparams``, whose inner
-  transformation, built from the step's hyperparameters, is the one that
-  answers). Not a pytree: wrappers that map over ``updates`` (a chain's
-  later links) fail on it instead of answering.
+  ``optax.inject_hyperparams``, whose inner transformation, built from the
+  step's hyperparameters inside ``update``, is the one that answers. Every
+  other transformation of the package rejects a probe with
+  :class:`pcgrad_optax._core.stacked.NotGramBased` when it checks its
+  stacked gradients (the one error that means "not Gram-based"). A pytree
+  with no leaves, so a ``jax.tree.map`` over it returns another probe.
   """
   __slots__ = ("run",)
+  gram_probe = True   # what the stacked checks recognise
 
   def __init__(self, run: Callable[[GramStep, Any], tuple[Any, Any]]):
     self.run = run
+
+
+jax.tree_util.register_pytree_node(
+    GramProbe, lambda p: ((), p.run), lambda run, _: GramProbe(run))
+
+
+def answers_probe(update_fn, hook: GramStep):
+  """``update_fn`` answering a :class:`GramProbe` with ``hook``, and carrying
+  it (``update.gram_step``, read by :func:`gram_step_of`)."""
+
+  def update(updates, state, params=None, **extra_args):
+    if isinstance(updates, GramProbe):
+      return updates.run(hook, state)
+    return update_fn(updates, state, params, **extra_args)
+
+  update.gram_step = hook
+  return update
 
 
 def gram_aggregator(init_fn, step, *, shared: SharedMask, reduction: str,
@@ -270,8 +289,6 @@ def gram_aggregator(init_fn, step, *, shared: SharedMask, reduction: str,
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    if isinstance(updates, GramProbe):
-      return updates.run(hook, state)
     leaves, treedef, mask, t = resolve(updates, params, shared,
                                        expected_tasks, method)
     gram = masked_gram(leaves, mask, t)
@@ -280,8 +297,7 @@ def gram_aggregator(init_fn, step, *, shared: SharedMask, reduction: str,
     out = combine_leaves(leaves, mask, weights, reduction)
     return jax.tree.unflatten(treedef, out), new_state
 
-  update_fn.gram_step = hook
-  return Aggregator(init_fn, update_fn)
+  return Aggregator(init_fn, answers_probe(update_fn, hook))
 
 
 def gram_step_of(tx) -> GramStep | None:

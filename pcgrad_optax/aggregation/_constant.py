@@ -18,10 +18,11 @@ from pcgrad_optax._core.checks import check_num_tasks
 from pcgrad_optax._core.gram import check_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import (Aggregator, GramState,
-                                          check_record, check_record_args,
-                                          documented, gram_transform,
-                                          init_record, record)
+from pcgrad_optax._core.transform import (Aggregator, GramState, GramStep,
+                                          answers_probe, check_record,
+                                          check_record_args, documented,
+                                          gram_transform, init_record,
+                                          record)
 
 
 def _check_weights(weights, t: int | None, dtype) -> jax.Array:
@@ -125,4 +126,13 @@ def constant(weights: jax.Array, *, reduction: str = "sum",
     return out, GramState(*record(w, None, state.weights, None, t,
                                   reduction))
 
-  return Aggregator(init_fn, update_fn)
+  def gram_step(gram, state):   # value_and_aggregate's engines
+    t = gram.shape[0]
+    w = _check_weights(weights, t, jnp.float32)
+    if not records:
+      return w, state
+    check_record(state.weights, t, "constant")
+    return w, GramState(*record(w, None, state.weights, None, t, reduction))
+
+  hook = GramStep(gram_step, shared, reduction, "constant")
+  return Aggregator(init_fn, answers_probe(update_fn, hook))

@@ -22,7 +22,8 @@ from pcgrad_optax._core.checks import (check_num_tasks, check_scalar,
 from pcgrad_optax._core.gram import check_gram, masked_gram
 from pcgrad_optax._core.masks import SharedMask
 from pcgrad_optax._core.stacked import check_reduction
-from pcgrad_optax._core.transform import (Aggregator, check_record,
+from pcgrad_optax._core.transform import (Aggregator, GramStep,
+                                          answers_probe, check_record,
                                           check_record_args, documented,
                                           init_record, keep_if_finite)
 
@@ -255,13 +256,31 @@ def cr_mogm(weighting: Callable[[jax.Array], jax.Array],
         leaves, state.weights, state.count, jnp.asarray(beta, jnp.float32),
         weighting=weighting, mask=tuple(mask), reduction=reduction,
         restart=initial_weights is None)
-    step_gram = gram
-    if state.gram is not None:
-      gram = gram.astype(state.gram.dtype)
-    # A non-finite shared gradient leaves the whole state as it was.
-    return jax.tree.unflatten(treedef, out), keep_if_finite(
-        step_gram, CRMOGMState(optax.safe_increment(state.count),
-                               smoothed.astype(state.weights.dtype),
-                               None if state.gram is None else gram), state)
+    return jax.tree.unflatten(treedef, out), _next_state(state, smoothed,
+                                                         gram)
 
-  return Aggregator(init_fn, update_fn)
+  def gram_step(gram, state):
+    # The same step on a Gram matrix formed elsewhere (value_and_aggregate).
+    t = gram.shape[0]
+    check_record(state.weights, t, "cr_mogm")
+    fresh = jnp.asarray(weighting(gram))
+    if fresh.shape != (t,):
+      raise ValueError(f"CR-MOGM's weighting returned shape {fresh.shape}, "
+                       f"expected (T,) = ({t},).")
+    previous = state.weights
+    if initial_weights is None:
+      previous = jnp.where(state.count == 0, fresh.astype(previous.dtype),
+                           previous)
+    smoothed = _ema(previous, fresh, jnp.asarray(beta, jnp.float32),
+                    gram.dtype)
+    return smoothed, _next_state(state, smoothed, gram)
+
+  hook = GramStep(gram_step, shared, reduction, "cr_mogm")
+  return Aggregator(init_fn, answers_probe(update_fn, hook))
+
+
+def _next_state(state, smoothed, gram):
+  # A non-finite shared gradient leaves the whole state as it was.
+  return keep_if_finite(gram, CRMOGMState(
+      optax.safe_increment(state.count), smoothed.astype(state.weights.dtype),
+      None if state.gram is None else gram.astype(state.gram.dtype)), state)
