@@ -195,8 +195,13 @@ def layer_kind(name: str) -> str:
 
 def make_train(model: Model, method: str, chosen: list[str],
                all_layers: list[str], example_params, *, steps: int,
-               batch_size: int, lr: float, threshold: float):
+               batch_size: int, lr: float, threshold: float,
+               state_layers: list[str] | None = None):
   """``train(params, state, key, data, rest_weights)`` for one row.
+
+  ``state_layers``: the layers whose BatchNorm statistics are per task
+  (default: the branched ones, ``chosen``; all layers keeps every BN's
+  running statistics per task).
 
   ``data`` is ``(x_train, y_train, x_test, y_test)``. Returns the test
   accuracy per task, the per-step logs (task losses; the cosine of the two
@@ -213,18 +218,21 @@ def make_train(model: Model, method: str, chosen: list[str],
           optax.chain(recon.track_conflicts(threshold, shared=heads_mask),
                       make_aggregator(method)), chosen),
       optax.adam(lr))
-  grad_fn = recon.value_and_grad(model.task_loss(chosen), chosen, NUM_TASKS,
-                                 has_aux=True, batched=model.batched)
+  state_layers = chosen if state_layers is None else state_layers
+  grad_fn = recon.value_and_grad(model.task_loss(state_layers), chosen,
+                                 NUM_TASKS, has_aux=True,
+                                 batched=model.batched)
   monitor = recon.shared_mask(example_params, chosen, shared=heads_mask)
-  evaluate = jax.jit(recon.task_losses(model.task_accuracy(chosen), chosen,
-                                       NUM_TASKS, batched=model.batched))
+  evaluate = jax.jit(recon.task_losses(model.task_accuracy(state_layers),
+                                       chosen, NUM_TASKS,
+                                       batched=model.batched))
 
   @jax.jit
   def step(params, state, opt_state, x_train, y_train, batch_idx,
            rest_weights):
     (losses, new_states), grads = grad_fn(
         params, state, x_train[batch_idx], y_train[batch_idx])
-    state = recon.merge_task_states(new_states, chosen)
+    state = recon.merge_task_states(new_states, state_layers)
     grams = recon.layer_grams(grads, shared=monitor)
     stacked = jnp.stack([grams.get(n, jnp.zeros((NUM_TASKS, NUM_TASKS)))
                          for n in all_layers])
