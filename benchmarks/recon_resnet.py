@@ -527,7 +527,7 @@ def render(args, runs, elapsed, load) -> str:
       f"{load[1]:.1f} at the end; jax {jax.__version__}).",
       "",
       "**What is tested.** Recon's main claim (Shi et al., ICLR 2023, "
-      "Table 1 and Fig. 1; `../../../shared/papers.md` has the digest): on "
+      "Table 1 and Fig. 1): on "
       "a ResNet18 with BatchNorm (Multi-Fashion+MNIST), branching the top 25 "
       "of 41 layers by S-conflict score (S = -0.1; BatchNorm layers dominate "
       "the top) costs +1.45 % parameters, cuts the share of whole-shared-"
