@@ -33,7 +33,7 @@ shared fc layer and one linear head per task, as the official
 
 Usage::
 
-  python benchmarks/recon_resnet.py              # full run (~30 min, 2 CPUs)
+  python benchmarks/recon_resnet.py              # full run (~11 min CPU time)
   python benchmarks/recon_resnet.py --quick --out /tmp/r   # smoke run
   python benchmarks/recon_resnet.py --models resnet --methods joint
 """
