@@ -1,4 +1,4 @@
-"""Recon on a small ResNet with BatchNorm, with the paper's procedure and metric.
+"""Recon on a small ResNet with BatchNorm: the paper's procedure and metric.
 
 Shi et al., "Recon" (ICLR 2023) make their main claim on a ResNet18 with
 BatchNorm (Multi-Fashion+MNIST): branching the top 25 of its 41 layers by
