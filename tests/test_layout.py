@@ -62,7 +62,9 @@ PUBLIC = {
     "pcgrad_optax.recon": [
         "ConflictState", "branch", "layer_grams", "layer_names",
         "pairwise_cosines", "select_layers", "shared_mask", "task_losses",
-        "task_params", "track_conflicts", "value_and_grad", "with_branches"],
+        "task_params", "track_conflicts", "value_and_grad", "with_branches",
+        # Issue 14: BatchNorm state of branched layers.
+        "branch_state", "merge_task_states", "task_state"],
     "pcgrad_optax.memory": ["streaming_aggregate", "task_value_and_grad"],
     "pcgrad_optax.sharding": [
         "aggregate", "gram_matrix", "stacked_sharding", "task_value_and_grad"],

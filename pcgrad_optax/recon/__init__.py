@@ -65,6 +65,44 @@ nnx.split(model, nnx.Param)``), write ``task_loss`` with
 prefixes, plain nested dicts with the same keys, or callables returning
 either.
 
+Model state (BatchNorm)
+-----------------------
+BatchNorm's running statistics live outside the params (the Linen
+``"batch_stats"`` collection, NNX ``nnx.BatchStat``) under the same module
+names. Branch them with the same layer names (:func:`branch_state`: a
+branched normalisation layer gets one set of statistics per task; branched
+layers without state are skipped), take task ``t``'s view inside its loss
+(:func:`task_state`), return the new statistics as aux, and fold the tasks'
+updates back with :func:`merge_task_states` (per task for branched layers,
+the mean over tasks for shared ones):
+
+  >>> import jax, jax.numpy as jnp, flax.linen as nn
+  >>> from pcgrad_optax import recon
+  >>> class BNNet(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, x, train=True):
+  ...     h = nn.BatchNorm(use_running_average=not train)(nn.Dense(8)(x))
+  ...     h = nn.relu(h)
+  ...     return jnp.stack([nn.Dense(1, name=f"head_{t}")(h)[:, 0]
+  ...                       for t in range(2)])
+  >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+  >>> y = jnp.stack([x[:, 0], x[:, 1]])
+  >>> bn_net = BNNet()
+  >>> v = bn_net.init(jax.random.key(2), x)
+  >>> chosen = ["BatchNorm_0"]
+  >>> params = recon.branch(v["params"], chosen, 2)
+  >>> stats = recon.branch_state(v["batch_stats"], chosen, 2)
+  >>> def bn_loss(p, t, stats, x, y):
+  ...   out, new = bn_net.apply(
+  ...       {"params": p, "batch_stats": recon.task_state(stats, chosen, t)},
+  ...       x, mutable=["batch_stats"])
+  ...   return jnp.mean((out[t] - y[t]) ** 2), new["batch_stats"]
+  >>> grad_fn = recon.value_and_grad(bn_loss, chosen, 2, has_aux=True)
+  >>> (losses, new_stats), grads = grad_fn(params, stats, x, y)
+  >>> stats = recon.merge_task_states(new_stats, chosen)
+  >>> stats["BatchNorm_0"]["mean"].shape           # one set per task
+  (2, 8)
+
 Example (Flax Linen: search, branch, retrain):
 
   >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
@@ -132,17 +170,23 @@ from pcgrad_optax.recon._search import layer_grams
 from pcgrad_optax.recon._search import pairwise_cosines
 from pcgrad_optax.recon._search import select_layers
 from pcgrad_optax.recon._search import track_conflicts
+from pcgrad_optax.recon._state import branch_state
+from pcgrad_optax.recon._state import merge_task_states
+from pcgrad_optax.recon._state import task_state
 
 __all__ = (
     "ConflictState",
     "branch",
+    "branch_state",
     "layer_grams",
     "layer_names",
+    "merge_task_states",
     "pairwise_cosines",
     "select_layers",
     "shared_mask",
     "task_losses",
     "task_params",
+    "task_state",
     "track_conflicts",
     "value_and_grad",
     "with_branches",

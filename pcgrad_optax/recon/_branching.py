@@ -21,9 +21,8 @@ from pcgrad_optax.recon._layers import (Grouping, leaf_layers, ordered_unique,
                                         param_name, paths_and_leaves)
 
 
-def branched_flags(tree: PyTree, layers: Sequence[str], grouping: Grouping,
-                   what: str = "params") -> tuple[list, list, list[bool]]:
-  """(paths, leaves, is_branched) of a params-like tree."""
+def check_layer_list(layers: Sequence[str]) -> list[str]:
+  """The layer names as a list (a single str is one name)."""
   if isinstance(layers, str):
     layers = [layers]
   try:
@@ -35,6 +34,13 @@ def branched_flags(tree: PyTree, layers: Sequence[str], grouping: Grouping,
   for name in selected:
     if not isinstance(name, str):
       raise ValueError(f"Layer names must be str, got {name!r}.")
+  return selected
+
+
+def branched_flags(tree: PyTree, layers: Sequence[str], grouping: Grouping,
+                   what: str = "params") -> tuple[list, list, list[bool]]:
+  """(paths, leaves, is_branched) of a params-like tree."""
+  selected = check_layer_list(layers)
   paths, leaves = paths_and_leaves(tree)
   names = leaf_layers(paths, grouping, what="grouping")
   known = ordered_unique(names)

@@ -39,6 +39,11 @@ def _split_branched(params, layers, grouping, num_tasks):
   return shared, branched, merge
 
 
+def _stack(rows):
+  """Stacks a list of per-task pytrees along a new leading task axis."""
+  return jax.tree.map(lambda *r: jnp.stack(r), *rows)
+
+
 def _check_scalar(loss, has_aux):
   value = loss[0] if has_aux else loss
   if jnp.ndim(value) != 0:
@@ -50,7 +55,8 @@ def _check_scalar(loss, has_aux):
 
 def task_losses(task_loss: Callable[..., Any], layers: Sequence[str],
                 num_tasks: int, *, grouping: Grouping = None,
-                has_aux: bool = False) -> Callable[..., Any]:
+                has_aux: bool = False,
+                batched: bool = True) -> Callable[..., Any]:
   r"""The ``(T,)`` task losses of a branched model, from one task's loss.
 
   ``task_loss(params, t, *args, **kwargs)`` is task ``t``'s scalar loss on
@@ -69,6 +75,9 @@ def task_losses(task_loss: Callable[..., Any], layers: Sequence[str],
     grouping: the grouping of leaves into layers (as in :func:`branch`).
     has_aux: whether ``task_loss`` returns ``(loss, aux)``; aux gets a leading
       task axis.
+    batched: ``True`` (default): one ``jax.vmap`` over the tasks. ``False``:
+      ``T`` separate calls on task ``t``'s view, stacked (same numbers; see
+      :func:`value_and_grad`).
 
   Returns:
     ``fn(branched_params, *args, **kwargs) -> (T,) losses`` (or
@@ -94,14 +103,18 @@ def task_losses(task_loss: Callable[..., Any], layers: Sequence[str],
       _check_scalar(out, has_aux)
       return out
 
-    return jax.vmap(one)(jnp.arange(num_tasks), branched)
+    if batched:
+      return jax.vmap(one)(jnp.arange(num_tasks), branched)
+    return _stack([one(t, [b[t] for b in branched])
+                   for t in range(num_tasks)])
 
   return losses_fn
 
 
 def value_and_grad(task_loss: Callable[..., Any], layers: Sequence[str],
                    num_tasks: int, *, grouping: Grouping = None,
-                   has_aux: bool = False) -> Callable[..., Any]:
+                   has_aux: bool = False,
+                   batched: bool = True) -> Callable[..., Any]:
   r"""Task losses and per-task gradients of a branched model, lean layout.
 
   Runs ``jax.vmap(jax.value_and_grad(task_loss))`` over the tasks, with the
@@ -123,7 +136,18 @@ def value_and_grad(task_loss: Callable[..., Any], layers: Sequence[str],
     layers: the branched layer names.
     num_tasks: ``T``.
     grouping: the grouping of leaves into layers (as in :func:`branch`).
-    has_aux: whether ``task_loss`` returns ``(loss, aux)``.
+    has_aux: whether ``task_loss`` returns ``(loss, aux)``; aux gets a leading
+      task axis (e.g. each task's new BatchNorm statistics, for
+      :func:`merge_task_states`).
+    batched: ``True`` (default): one ``jax.vmap`` over the tasks, so the
+      program does not grow with T. ``False``: ``T`` separate
+      ``jax.value_and_grad`` calls, each on task ``t``'s own (unbranched)
+      view, stacked; same numbers, a program linear in T. ``False`` is for a
+      few tasks on XLA:CPU with convolutions: there the vmapped pullback of a
+      convolution whose input or kernel carries the task axis becomes a
+      grouped or batched convolution, which can be several times slower than
+      T plain ones (``benchmarks/results/recon_resnet.md``); on GPU/TPU keep
+      the default.
 
   Returns:
     ``fn(branched_params, *args, **kwargs) -> (losses, grads)`` (or
@@ -151,9 +175,13 @@ def value_and_grad(task_loss: Callable[..., Any], layers: Sequence[str],
       _check_scalar(out, has_aux)
       return out
 
-    value, (g_shared, g_branched) = jax.vmap(
-        jax.value_and_grad(one, argnums=(1, 2), has_aux=has_aux),
-        in_axes=(0, None, 0))(jnp.arange(num_tasks), shared, branched)
+    vg = jax.value_and_grad(one, argnums=(1, 2), has_aux=has_aux)
+    if batched:
+      value, (g_shared, g_branched) = jax.vmap(vg, in_axes=(0, None, 0))(
+          jnp.arange(num_tasks), shared, branched)
+    else:
+      value, (g_shared, g_branched) = _stack([
+          vg(t, shared, [b[t] for b in branched]) for t in range(num_tasks)])
     # Cast back to the params' dtypes (a broadcast leaf's gradient can come
     # out weakly typed).
     g_shared = [g.astype(jnp.asarray(x).dtype) for g, x in zip(g_shared, shared)]
