@@ -5,6 +5,7 @@ flax and this checkout on ``PYTHONPATH``)::
 
     python benchmarks/profile_step.py ops     # per-op profile of the step
     python benchmarks/profile_step.py repro   # minimal reproducers, timed
+    python benchmarks/profile_step.py compare # before/after the CPU loop
 
 ``ops``: for the MLP and the CNN of ``bench_step.py`` at T = 2, 8, 32, one
 jitted step (stacked per-task gradients + ``pcgrad(shared=trunk)`` + Adam)
@@ -219,16 +220,84 @@ def repro(args):
     print(f"  {k:28s} {ms:8.2f} ms")
 
 
+def compare(args):
+  """Before (vmap) / after (the CPU loop) on the stacked and the user path.
+
+  ``stacked``: ``value_and_aggregate(engine="stacked")`` + Adam; ``user``:
+  ``task_value_and_grad`` + ``optax.chain(pcgrad(shared=...), adam)``.
+  "before" forces the ``vmap`` (``_core.cpu.loop_over_tasks`` patched to
+  False while tracing), "after" is this checkout. Interleaved, medians.
+  """
+  from pcgrad_optax._core import cpu  # pylint: disable=g-import-not-at-top
+  for model in args.models:
+    for t in args.tasks:
+      params, loss_fn, mask, batch = setup(model, t)
+      opt = optax.adam(1e-3)
+      fns = {}
+
+      def build(kind, vmap):
+        if kind == "adam":
+          def step(p, s, *b):
+            g = jax.grad(lambda q: jnp.sum(loss_fn(q, *b)))(p)
+            u, s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), s
+          state = opt.init(params)
+        elif kind == "stacked":
+          agg = pcgrad_optax.pcgrad(key=0)
+          inner = pcgrad_optax.value_and_aggregate(
+              loss_fn, agg, engine="stacked", shared=mask)
+
+          def step(p, s, *b):
+            a, o = s
+            _, u, a = inner(p, a, *b)
+            u, o = opt.update(u, o, p)
+            return optax.apply_updates(p, u), (a, o)
+          state = (agg.init(params), opt.init(params))
+        else:
+          chained = optax.chain(pcgrad_optax.pcgrad(key=0, shared=mask), opt)
+
+          def step(p, s, *b):
+            _, g = pcgrad_optax.task_value_and_grad(loss_fn)(p, *b)
+            u, s = chained.update(g, s, p)
+            return optax.apply_updates(p, u), s
+          state = chained.init(params)
+        saved = cpu.loop_over_tasks
+        if vmap:
+          cpu.loop_over_tasks = lambda _: False
+        try:
+          compiled = jax.jit(step).lower(params, state, *batch).compile()
+        finally:
+          cpu.loop_over_tasks = saved
+        box = [params, state]
+
+        def run():
+          box[0], box[1] = compiled(box[0], box[1], *batch)
+          jax.block_until_ready(box[0])
+        return run
+
+      fns["adam"] = build("adam", False)
+      for kind in ("stacked", "user"):
+        for when, vmap in (("before", True), ("after", False)):
+          fns[f"{kind} {when}"] = build(kind, vmap)
+      load0 = os.getloadavg()[0]
+      ms = interleaved(fns, rounds=args.rounds, calls=1)
+      print(f"\n{model} T={t} (load {load0:.1f} -> "
+            f"{os.getloadavg()[0]:.1f})", flush=True)
+      for k, v in ms.items():
+        print(f"  {k:16s} {v:9.1f} ms", flush=True)
+
+
 def main():
   import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("what", choices=["ops", "repro"])
+  parser.add_argument("what", choices=["ops", "repro", "compare"])
+  parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
   parser.add_argument("--tasks", type=int, nargs="+", default=[2, 8, 32])
   args = parser.parse_args()
   print(f"jax {jax.__version__}, {os.cpu_count()} cores, 1-min load "
         f"{os.getloadavg()[0]:.1f}")
-  {"ops": ops, "repro": repro}[args.what](args)
+  {"ops": ops, "repro": repro, "compare": compare}[args.what](args)
 
 
 if __name__ == "__main__":
