@@ -219,7 +219,8 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
   ``loss_fn`` returns a ``(T,)`` vector :math:`L(\theta)` of task losses. The
   returned function evaluates it once and pulls the ``T`` cotangents
   :math:`e_1, \dots, e_T` back through one shared VJP (a ``jax.vmap`` over
-  the basis on GPU/TPU, a ``lax.map`` on CPU), giving the stacked Jacobian
+  the basis on GPU/TPU, a ``lax.map`` on CPU unless there are
+  convolutions), giving the stacked Jacobian
   :math:`\partial L_t / \partial \theta` as a pytree whose leaves have a
   leading task axis of size ``T``: exactly what :func:`pcgrad_optax.pcgrad`
   and the other aggregators take.
@@ -251,9 +252,14 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
       ``jax.vmap``-ed VJP on GPU/TPU; on XLA:CPU a ``lax.map`` over the
       tasks (a loop), because XLA:CPU transposes the ``vmap``-ed weight
       gradients of dense layers into the stacked layout at a cost above
-      the matmuls' (``benchmarks/results/step_profile.md``). ``False``: T
-      separate calls of the same VJP (one forward pass still), stacked; the
-      program grows linearly with T. Same numbers every way.
+      the matmuls' (``benchmarks/results/step_profile.md``), except for a
+      loss with convolutions, which keeps the ``vmap`` (XLA:CPU runs a
+      convolution's kernel gradient inside a loop tens of times slower).
+      ``False``: T separate calls of the same VJP (one forward pass
+      still), stacked; the program grows linearly with T. Same numbers
+      every way. ``False`` is for a few tasks through convolutions on
+      XLA:CPU, where it can beat the ``vmap`` (the small CNN of
+      ``benchmarks/results/e2e.md``); on GPU/TPU keep the default.
 
   Returns:
     A function with ``loss_fn``'s signature returning ``(losses, grads)`` or
