@@ -41,8 +41,9 @@ round by round in one process, and summarised by its median:
   ``mgda_gn="none"``.
 
 Memory column: for the JAX paths XLA's ``memory_analysis`` of the compiled
-step, ``temp`` (scratch beyond arguments and outputs) and ``peak`` (the
-most bytes live at once, parameters and optimizer state included); for
+step, ``temp`` (scratch beyond arguments and outputs) and ``total`` (temp
++ arguments + outputs - aliased: parameters, optimizer state and batch
+included; XLA:CPU's own ``peak_memory_in_bytes`` leaves temp out); for
 torch, in a child process per path (pcgrad only), the peak RSS during three
 steps minus the RSS before them (after a warm-up step): what a step adds
 beyond the model and Adam's state, comparable to XLA's ``temp``.
@@ -424,7 +425,12 @@ def jax_runner(fn, params, state, batch):
   run()   # warm up
   try:
     stats = compiled.memory_analysis()
-    memory = (int(stats.temp_size_in_bytes), int(stats.peak_memory_in_bytes))
+    temp = int(stats.temp_size_in_bytes)
+    # peak_memory_in_bytes of XLA:CPU leaves temp out (it reads the same
+    # for every path), so the total is summed here.
+    memory = (temp, temp + int(stats.argument_size_in_bytes)
+              + int(stats.output_size_in_bytes)
+              - int(stats.alias_size_in_bytes))
   except Exception:   # pylint: disable=broad-except
     memory = (None, None)
   return run, memory
@@ -479,7 +485,7 @@ def format_table(rows):
     elif name in TORCH_PATHS:
       mem_s = "" if mem[1] is None else f"RSS +{mem[1]:.1f}"
     else:
-      mem_s = f"temp {mem[0] / 2**20:.1f}, peak {mem[1] / 2**20:.1f}"
+      mem_s = f"temp {mem[0] / 2**20:.1f}, total {mem[1] / 2**20:.1f}"
     lines.append(
         f"| {model} | {method} | {t} | {name} | {sec * 1e3:.1f} | "
         f"{sec / base:.2f}x | "
