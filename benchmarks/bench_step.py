@@ -527,14 +527,13 @@ def plot(rows, path):
 
 def write_results(rows, args, command, load_start, t_start, final=False):
   """Writes ``args.out`` (and the plot, at the end) from the rows so far."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
   versions = [f"jax {jax.__version__}", f"optax {optax.__version__}"]
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-    import torchjd  # pylint: disable=g-import-not-at-top
-    versions += [f"torch {torch.__version__}",
-                 f"torchjd {torchjd.__version__}"]
-  except ImportError:
-    pass
+  for dist in ("flax", "torch", "torchjd", "LibMTL"):
+    try:
+      versions.append(f"{dist} {metadata.version(dist)}")
+    except metadata.PackageNotFoundError:
+      pass
   header = (
       f"# One training step (`benchmarks/bench_step.py`)\n\n"
       f"Command: `{command}`.\n\n"
