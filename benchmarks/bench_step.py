@@ -1,40 +1,52 @@
-"""One full multi-task training step: every path of ours against torchjd.
+"""One full multi-task training step: every path of ours against the peers.
 
-Run from the repository root (in a venv with torch and torchjd for the peer
-rows, e.g. /work/venv_bench; they are skipped without them)::
+Run from the repository root in a venv with torch, torchjd and LibMTL
+(``--no-deps``) for the peer rows, e.g. ``/work/venv_bench``; peers that are
+missing are skipped::
 
-    python benchmarks/bench_step.py           # waits for a quiet machine,
-                                              # writes benchmarks/results/step.md
-    python benchmarks/bench_step.py --quick   # smoke run in seconds, no file
+    PYTHONPATH=. /work/venv_bench/bin/python benchmarks/bench_step.py
+        # ~12 min on a quiet 2-core machine (estimated); writes
+        # benchmarks/results/step.md (after every configuration) and step.png
+    PYTHONPATH=. /work/venv_bench/bin/python benchmarks/bench_step.py --quick
+        # smoke run, tiny sizes, no file
 
-NOT RUN FOR RESULTS YET: the script is ready, ``--quick`` is smoke-tested;
-``benchmarks/results/step.md`` does not exist until someone runs it on a
-quiet machine.
-
-Models (the same weights, data and Adam on every path): the MLP of issue 15
-(trunk 512-1024-1024-512 with ReLU, ``T`` linear heads of 10 classes, batch
-256) and the small CNN of ``bench_e2e.py``. For pcgrad, upgrad and mgda at
-``T = 2, 8, 32`` one jitted step (forward, the task backward passes, the
-aggregation, Adam, apply) is timed on each path, interleaved round by round
-in one process, and summarised by its median:
+Models (the same weights, data and Adam(1e-3) on every path): the MLP of
+issue 15 (trunk 512-1024-1024-512 with ReLU, ``T`` linear heads of 10
+classes, batch 256) and the small CNN of ``bench_e2e.py`` (batch 128, 12x12
+inputs, width 32). For pcgrad, upgrad and mgda at ``T = 2, 8, 32`` one
+training step (forward, the task backward passes, the aggregation, Adam,
+apply; one ``jax.jit`` for the JAX paths) is timed on each path, interleaved
+round by round in one process, and summarised by its median:
 
 * ``adam``: ``value_and_grad`` of the summed loss + Adam (the floor);
-* ``stacked``: ``value_and_aggregate(engine="stacked")`` (one vmapped VJP);
-* ``sequential``: ``task_value_and_grad(batched=False)`` + the aggregator;
-* ``streaming``: ``memory.streaming_aggregate`` (Gram from JVP-of-VJP);
+* ``stacked``: ``value_and_aggregate(engine="stacked")``;
 * ``gram``: ``value_and_aggregate(engine="gram")`` (per-layer Gram engine);
-* ``naive`` (pcgrad only): ravelled gradients, a Python loop over tasks in a
-  fixed order, the snippet people paste;
+* ``sequential``: ``task_value_and_grad(batched=False)`` + the aggregator
+  (only up to ``--max-sequential`` tasks: its program grows with T);
+* ``tvg + chain``: ``task_value_and_grad`` + ``optax.chain(method(shared=
+  trunk), adam)``, the default user path;
+* ``streaming``: ``memory.streaming_aggregate`` (Gram from JVP-of-VJP);
+* ``naive python loop`` / ``naive lax loop`` (pcgrad only): ``jax.jacrev``,
+  the gradients ravelled, PCGrad's projections in a fixed order in a Python
+  loop or in ``lax.fori_loop`` s, over all parameters: the snippet people
+  paste;
 * ``torchjd autojac``: ``mtl_backward(losses, features=...)`` +
   ``jac_to_grad(trunk params, Aggregator())`` + ``torch.optim.Adam``;
 * ``torchjd autogram``: ``Engine(trunk)``, ``compute_gramian(losses)``, the
   weighting, ``losses.backward(weights)`` + Adam (heads then get
-  ``w_t g_t``, as in torchjd's example).
+  ``w_t g_t``, as in torchjd's example);
+* ``LibMTL`` (pcgrad, mgda; it has no UPGrad): its weighting class's
+  ``backward`` (T ``backward`` calls, the flattened ``(T, P)`` gradients,
+  its surgery, written into ``.grad``) on our trunk + Adam; MGDA with
+  ``mgda_gn="none"``.
 
-Memory: for the JAX paths, XLA's compiled ``temp_size_in_bytes`` of the
-step (peak scratch beyond the arguments and outputs); torch peak memory is
-not measured by this version (RSS is process-wide and monotonic). LibMTL is
-not included yet.
+Memory column: for the JAX paths XLA's ``memory_analysis`` of the compiled
+step, ``temp`` (scratch beyond arguments and outputs) and ``total`` (temp
++ arguments + outputs - aliased: parameters, optimizer state and batch
+included; XLA:CPU's own ``peak_memory_in_bytes`` leaves temp out); for
+torch, in a child process per path (pcgrad only), the peak RSS during three
+steps minus the RSS before them (after a warm-up step): what a step adds
+beyond the model and Adam's state, comparable to XLA's ``temp``.
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 from jax.flatten_util import ravel_pytree
 
 import pcgrad_optax
@@ -87,11 +100,11 @@ def mlp_mask(params):
   return {"trunk": True, "heads": False}
 
 
-def cnn_setup(num_tasks, batch, width, seed=0):
+def cnn_setup(num_tasks, batch, width, image=12, seed=0):
   from bench_e2e import MultiTaskCNN, shared_mask  # pylint: disable=g-import-not-at-top
   model = MultiTaskCNN(num_tasks=num_tasks, width=width)
   rng = np.random.default_rng(seed)
-  x = rng.standard_normal((batch, 28, 28, 1)).astype(np.float32)
+  x = rng.standard_normal((batch, image, image, 1)).astype(np.float32)
   y = rng.integers(0, 10, (batch, num_tasks))
   params = model.init(jax.random.key(seed), x)
 
@@ -130,7 +143,23 @@ def naive_pcgrad(stacked):
   return unravel(sum(out))
 
 
-def jax_paths(method, loss_fn, mask, params):
+def naive_pcgrad_lax(stacked):
+  """The same snippet with ``lax.fori_loop`` loops (fixed order)."""
+  flat = jax.vmap(lambda g: ravel_pytree(g)[0])(stacked)
+  unravel = ravel_pytree(jax.tree.map(lambda g: g[0], stacked))[1]
+  t = flat.shape[0]
+
+  def project(i, total):
+    def against(j, g):
+      dot = g @ flat[j]
+      coef = jnp.where((j != i) & (dot < 0),
+                       dot / (flat[j] @ flat[j] + 1e-12), 0.0)
+      return g - coef * flat[j]
+    return total + lax.fori_loop(0, t, against, flat[i])
+  return unravel(lax.fori_loop(0, t, project, jnp.zeros_like(flat[0])))
+
+
+def jax_paths(method, loss_fn, mask, params, sequential_ok=True):
   """``{name: (jitted step, its state)}`` for the JAX paths."""
   opt = optax.adam(1e-3)
   agg = aggregator(method)
@@ -164,7 +193,17 @@ def jax_paths(method, loss_fn, mask, params):
         params, *batch)
     update, s = ref_agg.update(g, s, params)
     return losses, update, s
-  paths["sequential"] = with_adam(sequential)
+  if sequential_ok:
+    paths["sequential"] = with_adam(sequential)
+
+  # The default user path: task_value_and_grad + optax.chain(method, adam).
+  chained = optax.chain(ref_agg, opt)
+
+  def user(params, state, *batch):
+    _, g = pcgrad_optax.task_value_and_grad(loss_fn)(params, *batch)
+    updates, state = chained.update(g, state, params)
+    return optax.apply_updates(params, updates), state
+  paths["tvg + chain"] = (jax.jit(user), chained.init(params))
 
   streaming = pcgrad_optax.memory.streaming_aggregate(
       loss_fn, weighting(method), shared=mask)
@@ -174,77 +213,191 @@ def jax_paths(method, loss_fn, mask, params):
     return losses, update, s
   paths["streaming"] = with_adam(stream)
   if method == "pcgrad":
-    def naive(params, s, *batch):
-      losses, g = pcgrad_optax.task_value_and_grad(loss_fn)(params, *batch)
-      return losses, naive_pcgrad(g), s
-    paths["naive"] = with_adam(naive)
-  return {name: (fn, init) for name, fn in paths.items()}
+    for name, surgery in (("naive python loop", naive_pcgrad),
+                          ("naive lax loop", naive_pcgrad_lax)):
+      def naive(params, s, *batch, surgery=surgery):
+        losses = loss_fn(params, *batch)
+        g = jax.jacrev(loss_fn)(params, *batch)   # what people write
+        return losses, surgery(g), s
+      paths[name] = with_adam(naive)
+  return {name: (fn, init) if not isinstance(fn, tuple) else fn
+          for name, fn in paths.items()}
 
 
 # --- torch -------------------------------------------------------------------
 
-def torch_paths(method, widths, num_tasks, classes, params_np, batch_np):
-  """torchjd's two paths on the MLP, or {} without torch/torchjd."""
+def torch_modules(model, params, classes=10):
+  """``(trunk, heads)`` in torch with the JAX model's weights."""
+  import torch  # pylint: disable=g-import-not-at-top
+  tensor = lambda a: torch.tensor(np.array(a))
+
+  def linear(kernel, bias=None):
+    lin = torch.nn.Linear(*kernel.shape, bias=bias is not None)
+    with torch.no_grad():
+      lin.weight.copy_(tensor(kernel).T)
+      if bias is not None:
+        lin.bias.copy_(tensor(bias))
+    return lin
+
+  if model == "mlp":
+    layers = []
+    for layer in params["trunk"]:
+      layers += [linear(layer["w"], layer["b"]), torch.nn.ReLU()]
+    heads = [linear(h["w"]) for h in params["heads"]]
+    return torch.nn.Sequential(*layers), torch.nn.ModuleList(heads)
+  p = params["params"]
+
+  def conv(name):
+    k = np.asarray(p[name]["kernel"])                 # HWIO
+    c = torch.nn.Conv2d(k.shape[2], k.shape[3], k.shape[:2], padding=1)
+    with torch.no_grad():
+      c.weight.copy_(tensor(k.transpose(3, 2, 0, 1)))
+      c.bias.copy_(tensor(p[name]["bias"]))
+    return c
+
+  class NHWCFlatten(torch.nn.Module):   # flatten in Flax's NHWC order
+    def forward(self, h):
+      return h.permute(0, 2, 3, 1).reshape(h.shape[0], -1)
+
+  trunk = torch.nn.Sequential(
+      conv("conv_0"), torch.nn.ReLU(), conv("conv_1"), torch.nn.ReLU(),
+      torch.nn.AvgPool2d(2), conv("conv_2"), torch.nn.ReLU(), NHWCFlatten(),
+      linear(p["dense_0"]["kernel"], p["dense_0"]["bias"]), torch.nn.ReLU())
+  heads = [linear(p[f"head_{t}"]["kernel"], p[f"head_{t}"]["bias"])
+           for t in range(sum(k.startswith("head_") for k in p))]
+  return trunk, torch.nn.ModuleList(heads)
+
+
+TORCH_PATHS = ("torchjd autojac", "torchjd autogram", "LibMTL")
+
+
+def torch_step(path, method, model, params, batch_np):
+  """One torch training step as a zero-argument function, or None.
+
+  None when torch/torchjd (LibMTL) is missing or the library has no such
+  method (LibMTL has no UPGrad).
+  """
   try:
     import torch  # pylint: disable=g-import-not-at-top
     from torchjd import aggregation as tja  # pylint: disable=g-import-not-at-top
     from torchjd.autogram import Engine  # pylint: disable=g-import-not-at-top
     from torchjd.autojac import jac_to_grad, mtl_backward  # pylint: disable=g-import-not-at-top
   except ImportError:
-    return {}
+    return None
   torch.set_num_threads(os.cpu_count() or 1)
   x = torch.tensor(np.asarray(batch_np[0]))
+  if model == "cnn":
+    x = x.permute(0, 3, 1, 2).contiguous()             # NHWC -> NCHW
   y = torch.tensor(np.asarray(batch_np[1]), dtype=torch.long)
-  names = {"pcgrad": ("PCGrad", "PCGradWeighting"),
-           "upgrad": ("UPGrad", "UPGradWeighting"),
-           "mgda": ("MGDA", "MGDAWeighting")}[method]
+  trunk, heads = torch_modules(model, params)
+  opt = torch.optim.Adam(list(trunk.parameters()) + list(heads.parameters()),
+                         lr=1e-3)
+  ce = torch.nn.functional.cross_entropy
 
-  def build():
-    layers = []
-    for layer in params_np["trunk"]:
-      lin = torch.nn.Linear(*layer["w"].shape)
-      with torch.no_grad():
-        lin.weight.copy_(torch.tensor(np.asarray(layer["w"]).T))
-        lin.bias.copy_(torch.tensor(np.asarray(layer["b"])))
-      layers += [lin, torch.nn.ReLU()]
-    trunk = torch.nn.Sequential(*layers)
-    heads = torch.nn.ModuleList()
-    for head in params_np["heads"]:
-      lin = torch.nn.Linear(widths[-1], classes, bias=False)
-      with torch.no_grad():
-        lin.weight.copy_(torch.tensor(np.asarray(head["w"]).T))
-      heads.append(lin)
-    opt = torch.optim.Adam(list(trunk.parameters()) + list(heads.parameters()),
-                           lr=1e-3)
-    return trunk, heads, opt
-
-  def task_losses(heads, feats):
-    ce = torch.nn.functional.cross_entropy
+  def task_losses(feats):
     return [ce(h(feats), y[:, t]) for t, h in enumerate(heads)]
 
-  trunk1, heads1, opt1 = build()
-  agg = getattr(tja, names[0])()
+  if path == "torchjd autojac":
+    agg = getattr(tja, {"pcgrad": "PCGrad", "upgrad": "UPGrad",
+                        "mgda": "MGDA"}[method])()
 
-  def autojac():
-    feats = trunk1(x)
-    losses = task_losses(heads1, feats)
-    mtl_backward(losses, features=feats)
-    jac_to_grad(trunk1.parameters(), agg)
-    opt1.step()
-    opt1.zero_grad()
+    def step():
+      feats = trunk(x)
+      mtl_backward(task_losses(feats), features=feats)
+      jac_to_grad(trunk.parameters(), agg)
+      opt.step()
+      opt.zero_grad()
+    return step
+  if path == "torchjd autogram":
+    engine = Engine(trunk, batch_dim=None)
+    weighting_fn = getattr(tja, {"pcgrad": "PCGradWeighting",
+                                 "upgrad": "UPGradWeighting",
+                                 "mgda": "MGDAWeighting"}[method])()
 
-  trunk2, heads2, opt2 = build()
-  engine = Engine(trunk2, batch_dim=None)
-  weighting_fn = getattr(tja, names[1])()
+    def step():
+      losses = torch.stack(task_losses(trunk(x)))
+      losses.backward(weighting_fn(engine.compute_gramian(losses)))
+      opt.step()
+      opt.zero_grad()
+    return step
+  from bench_aggregators import load_libmtl  # pylint: disable=g-import-not-at-top
+  classes = load_libmtl()
+  if classes is None or method not in ("pcgrad", "mgda"):
+    return None
+  base = classes["PCGrad" if method == "pcgrad" else "MGDA"]
 
-  def autogram():
-    feats = trunk2(x)
-    losses = torch.stack(task_losses(heads2, feats))
-    weights = weighting_fn(engine.compute_gramian(losses))
-    losses.backward(weights)
-    opt2.step()
-    opt2.zero_grad()
-  return {"torchjd autojac": autojac, "torchjd autogram": autogram}
+  class OnTrunk(base):
+    """LibMTL's weighting on our trunk (its trainer is not used)."""
+
+    def __init__(self):
+      super().__init__()
+      self.task_num, self.device, self.rep_grad = len(heads), "cpu", False
+
+    def get_share_params(self):
+      return trunk.parameters()
+
+    def zero_grad_share_params(self):
+      trunk.zero_grad(set_to_none=False)
+
+  weighting_obj = OnTrunk()
+  kwargs = {} if method == "pcgrad" else {"mgda_gn": "none"}
+
+  def step():
+    weighting_obj.backward(task_losses(trunk(x)), **kwargs)
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+  return step
+
+
+def _status_kib(field):
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  raise KeyError(field)
+
+
+def torch_child(args):
+  """``--torch-child``: one torch path's peak RSS growth in a step, MiB.
+
+  Run in a fresh process per path. One warm-up step first (it allocates
+  Adam's moments and torch's lazily created buffers), then the peak RSS
+  (``VmHWM``) is reset to the current RSS through ``/proc/self/clear_refs``
+  and three steps run: the peak minus the RSS before them is what a step
+  adds (autograd graph, per-task gradients, the Jacobian or Gramian).
+  Prints one number (or "none").
+  """
+  import gc  # pylint: disable=g-import-not-at-top
+  model, method, t, path = args.torch_child
+  params, _, _, batch = setup(model, int(t), args)
+  step = torch_step(path, method, model, params, batch)
+  if step is None:
+    print("none")
+    return
+  step()
+  gc.collect()
+  before = _status_kib("VmRSS")
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+  for _ in range(3):
+    step()
+  print(f"{(_status_kib('VmHWM') - before) / 1024:.1f}")
+
+
+def torch_memory(model, method, t, path, args):
+  """Peak RSS growth of one torch path (a child process), MiB, or None."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  cmd = [sys.executable, os.path.abspath(__file__), "--torch-child", model,
+         method, str(t), path, "--batch", str(args.batch)]
+  if args.quick:
+    cmd.append("--quick")
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                         timeout=600).stdout.split()[-1]
+    return None if out == "none" else float(out)
+  except Exception as e:   # pylint: disable=broad-except
+    print(f"  (torch memory of {path}: {e})", file=sys.stderr)
+    return None
 
 
 # --- timing -------------------------------------------------------------------
@@ -262,44 +415,54 @@ def time_interleaved(fns, rounds, calls):
 
 
 def jax_runner(fn, params, state, batch):
+  """``(run, (temp, peak) bytes)``: one compile serves both."""
+  compiled = fn.lower(params, state, *batch).compile()
   box = [params, state]
 
   def run():
-    box[0], box[1] = fn(box[0], box[1], *batch)
+    box[0], box[1] = compiled(box[0], box[1], *batch)
     jax.block_until_ready(box[0])
-  run()   # compile
-  return run
-
-
-def temp_bytes(fn, params, state, batch):
+  run()   # warm up
   try:
-    stats = fn.lower(params, state, *batch).compile().memory_analysis()
-    return int(stats.temp_size_in_bytes)
+    stats = compiled.memory_analysis()
+    temp = int(stats.temp_size_in_bytes)
+    # peak_memory_in_bytes of XLA:CPU leaves temp out (it reads the same
+    # for every path), so the total is summed here.
+    memory = (temp, temp + int(stats.argument_size_in_bytes)
+              + int(stats.output_size_in_bytes)
+              - int(stats.alias_size_in_bytes))
   except Exception:   # pylint: disable=broad-except
-    return None
+    memory = (None, None)
+  return run, memory
+
+
+def setup(model, t, args):
+  """``(params, loss_fn, shared mask, batch)`` as NumPy/JAX values."""
+  if model == "mlp":
+    params = mlp_params(args.widths, t, 10)
+    rng = np.random.default_rng(1)
+    batch = (rng.standard_normal((args.batch, args.widths[0])).astype(
+        np.float32), rng.integers(0, 10, (args.batch, t)))
+    return params, mlp_losses, mlp_mask, batch
+  return cnn_setup(t, args.batch, args.cnn_width, args.image)
 
 
 def bench_one(model, method, t, args):
   """Times every path for one (model, method, T); returns rows."""
-  if model == "mlp":
-    widths = args.widths
-    params = mlp_params(widths, t, 10)
-    rng = np.random.default_rng(1)
-    batch = (rng.standard_normal((args.batch, widths[0])).astype(np.float32),
-             rng.integers(0, 10, (args.batch, t)))
-    loss_fn, mask = mlp_losses, mlp_mask
-    torch_fns = torch_paths(method, widths, t, 10, params, batch)
-  else:
-    params, loss_fn, mask, batch = cnn_setup(t, args.batch, args.cnn_width)
-    torch_fns = {}
-  paths = jax_paths(method, loss_fn, mask, params)
+  params, loss_fn, mask, batch = setup(model, t, args)
+  paths = jax_paths(method, loss_fn, mask, params,
+                    sequential_ok=t <= args.max_sequential)
   fns, memory = {}, {}
   for name, (fn, state) in paths.items():
-    fns[name] = jax_runner(fn, params, state, batch)
-    memory[name] = temp_bytes(fn, params, state, batch)
-  for name, fn in torch_fns.items():
+    fns[name], memory[name] = jax_runner(fn, params, state, batch)
+  for name in TORCH_PATHS:
+    fn = torch_step(name, method, model, params, batch)
+    if fn is None:
+      continue
     fn()
     fns[name] = fn
+    if method == args.methods[0]:   # one child process per path and T
+      memory[name] = (None, torch_memory(model, method, t, name, args))
   sec = time_interleaved(fns, args.rounds, args.calls)
   return [(model, method, t, name, sec[name], memory.get(name))
           for name in fns]
@@ -307,15 +470,85 @@ def bench_one(model, method, t, args):
 
 def format_table(rows):
   lines = ["| model | method | T | path | ms / step | vs adam | "
-           "XLA temp MiB |", "|---|---|---|---|---|---|---|"]
-  adam = {(m, me, t): s for m, me, t, n, s, _ in rows if n == "adam"}
+           "vs torch's faster | memory MiB |",
+           "|---|---|---|---|---:|---:|---:|---:|"]
+  adam = {r[:3]: r[4] for r in rows if r[3] == "adam"}
+  torch_best = {}
+  for r in rows:
+    if r[3].startswith("torchjd"):
+      torch_best[r[:3]] = min(torch_best.get(r[:3], np.inf), r[4])
   for model, method, t, name, sec, mem in rows:
     base = adam.get((model, method, t))
+    best = torch_best.get((model, method, t))
+    if mem is None or mem == (None, None):
+      mem_s = ""
+    elif name in TORCH_PATHS:
+      mem_s = "" if mem[1] is None else f"RSS +{mem[1]:.1f}"
+    else:
+      mem_s = f"temp {mem[0] / 2**20:.1f}, total {mem[1] / 2**20:.1f}"
     lines.append(
-        f"| {model} | {method} | {t} | {name} | {sec * 1e3:.2f} | "
+        f"| {model} | {method} | {t} | {name} | {sec * 1e3:.1f} | "
         f"{sec / base:.2f}x | "
-        f"{'' if mem is None else f'{mem / 2**20:.1f}'} |")
+        f"{'' if best is None else f'{sec / best:.2f}x'} | {mem_s} |")
   return "\n".join(lines)
+
+
+def plot(rows, path):
+  """ms per step against T, one panel per (model, method), log scales."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  panels = sorted({r[:2] for r in rows}, key=lambda k: (
+      k[0] != "mlp", METHODS.index(k[1]) if k[1] in METHODS else 9))
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4),
+                           squeeze=False)
+  names = list(dict.fromkeys(r[3] for r in rows))
+  for ax, (model, method) in zip(axes[0], panels):
+    for name in names:
+      pts = sorted((r[2], r[4] * 1e3) for r in rows
+                   if r[:2] == (model, method) and r[3] == name)
+      if pts:
+        style = "--" if name in TORCH_PATHS else "-"
+        ax.plot(*zip(*pts), style, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_title(f"{model}, {method}")
+    ax.set_xlabel("tasks T")
+    ax.set_ylabel("ms / step")
+    ax.grid(True, which="both", alpha=0.3)
+  axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return path
+
+
+def write_results(rows, args, command, load_start, t_start, final=False):
+  """Writes ``args.out`` (and the plot, at the end) from the rows so far."""
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  versions = [f"jax {jax.__version__}", f"optax {optax.__version__}"]
+  for dist in ("flax", "torch", "torchjd", "LibMTL"):
+    try:
+      versions.append(f"{dist} {metadata.version(dist)}")
+    except metadata.PackageNotFoundError:
+      pass
+  header = (
+      f"# One training step (`benchmarks/bench_step.py`)\n\n"
+      f"Command: `{command}`.\n\n"
+      f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+      f"{cpu_name()}, {os.cpu_count()} cores, Python "
+      f"{platform.python_version()}, {', '.join(versions)}. 1-min load "
+      f"{load_start:.2f} at the start, {load1():.2f} now; "
+      f"{time.time() - t_start:.0f} s so far"
+      f"{'' if final else ' (run not finished)'}.\n\n")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  png = plot(rows, os.path.splitext(args.out)[0] + ".png") if final else None
+  with open(args.out, "w") as f:
+    f.write(header + format_table(rows) + "\n")
+    if png:
+      f.write(f"\n![ms per step]({os.path.basename(png)})\n")
 
 
 def main(argv=None):
@@ -325,34 +558,49 @@ def main(argv=None):
   parser.add_argument("--tasks", type=int, nargs="+", default=[2, 8, 32])
   parser.add_argument("--methods", nargs="+", default=list(METHODS))
   parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
-  parser.add_argument("--rounds", type=int, default=7)
-  parser.add_argument("--calls", type=int, default=5)
-  parser.add_argument("--max-wait", type=float, default=1800)
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--calls", type=int, default=1)
+  parser.add_argument("--batch", type=int, default=None,
+                      help="batch size (MLP 256, CNN 128 by default)")
+  parser.add_argument("--max-sequential", type=int, default=8,
+                      help="largest T with the sequential path (its "
+                      "program, and compile time, grow with T)")
+  parser.add_argument("--max-wait", type=float, default=0)
+  parser.add_argument("--out", default=os.path.join(RESULTS, "step.md"))
+  parser.add_argument("--torch-child", nargs=4, default=None,
+                      help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  args.widths, args.batch, args.cnn_width = [512, 1024, 1024, 512], 256, 32
+  args.widths, args.cnn_width, args.image = [512, 1024, 1024, 512], 32, 12
   if args.quick:
-    args.widths, args.batch, args.cnn_width = [16, 32, 16], 8, 4
+    args.widths, args.cnn_width, args.image = [16, 32, 16], 4, 6
     args.tasks, args.rounds, args.calls = [2], 1, 1
-  else:
-    load, waited = wait_for_quiet(args.max_wait)
-    print(f"1-min load {load:.2f} after {waited:.0f} s", flush=True)
+  if args.torch_child:
+    args.batch = args.batch or 8
+    return torch_child(args)
+  t_start = time.time()
+  load_start = load1()
+  if not args.quick and args.max_wait > 0:
+    load_start, waited = wait_for_quiet(args.max_wait)
+    print(f"1-min load {load_start:.2f} after {waited:.0f} s", flush=True)
+  command = (f"cd <repository root> && PYTHONPATH=. nice -n 0 "
+             f"{sys.executable} benchmarks/bench_step.py " + " ".join(
+                 sys.argv[1:] if argv is None else argv)).strip()
   rows = []
   for model in args.models:
+    batch_arg = args.batch
+    if args.batch is None:
+      args.batch = 8 if args.quick else {"mlp": 256, "cnn": 128}[model]
     for method in args.methods:
       for t in args.tasks:
         rows += bench_one(model, method, t, args)
         print(format_table([r for r in rows if r[:3] == (model, method, t)]),
+              f"\n(load {load1():.2f}, {time.time() - t_start:.0f} s)",
               flush=True)
-  table = format_table(rows)
-  if args.quick:
-    return rows
-  header = (f"# One training step (`benchmarks/bench_step.py`)\n\n"
-            f"{datetime.date.today()}, {cpu_name()}, {os.cpu_count()} cores, "
-            f"{platform.python_version()}, jax {jax.__version__}, "
-            f"optax {optax.__version__}, load {load1():.2f}.\n\n")
-  os.makedirs(RESULTS, exist_ok=True)
-  with open(os.path.join(RESULTS, "step.md"), "w") as f:
-    f.write(header + table + "\n")
+        if not args.quick:   # rewritten after every configuration
+          write_results(rows, args, command, load_start, t_start)
+    args.batch = batch_arg
+  if not args.quick:
+    write_results(rows, args, command, load_start, t_start, final=True)
   return rows
 
 

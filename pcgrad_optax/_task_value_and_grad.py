@@ -9,7 +9,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
+from pcgrad_optax._core import cpu
 from pcgrad_optax._core.mesh import vary_like
 
 
@@ -180,6 +182,22 @@ def _nnx_losses_and_vjp(nnx, loss_fn, entries, has_aux, args, kwargs,
   return losses, vjp_fn, aux
 
 
+def pull_back_tasks(vjp_fn: Callable[[jax.Array], Any],
+                    basis: jax.Array) -> Any:
+  """``vjp_fn(basis[t])`` for every task t, stacked on a leading axis.
+
+  One pullback program for all T rows, whose size does not grow with T: a
+  ``lax.map`` (a loop writing row t of each stacked leaf in place) where
+  :func:`pcgrad_optax._core.cpu.loop_over_tasks` says so (XLA:CPU, where
+  the ``vmap``-ed weight gradients of dense layers come out with the task
+  axis inside and are transposed), else a ``jax.vmap``. Same numbers
+  either way.
+  """
+  if cpu.loop_over_tasks(lambda: jax.make_jaxpr(vjp_fn)(basis[0]).jaxpr):
+    return lax.map(vjp_fn, basis)
+  return jax.vmap(vjp_fn)(basis)
+
+
 def check_task_losses(losses, caller: str) -> None:
   """ValueError unless ``losses`` is a floating ``(T,)`` vector."""
   if jnp.ndim(losses) != 1:
@@ -200,8 +218,9 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
 
   ``loss_fn`` returns a ``(T,)`` vector :math:`L(\theta)` of task losses. The
   returned function evaluates it once and pulls the ``T`` cotangents
-  :math:`e_1, \dots, e_T` back through one shared VJP (``jax.vmap`` over the
-  basis), giving the stacked Jacobian
+  :math:`e_1, \dots, e_T` back through one shared VJP (a ``jax.vmap`` over
+  the basis on GPU/TPU, a ``lax.map`` on CPU unless there are
+  convolutions), giving the stacked Jacobian
   :math:`\partial L_t / \partial \theta` as a pytree whose leaves have a
   leading task axis of size ``T``: exactly what :func:`pcgrad_optax.pcgrad`
   and the other aggregators take.
@@ -228,13 +247,19 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
       ``jax.grad``; for an NNX module also an ``nnx.DiffState``, as in
       ``nnx.grad``.
     has_aux: whether ``loss_fn`` returns ``(losses, aux)``.
-    batched: ``True`` (default): one ``jax.vmap``-ed VJP, so the traced
-      program and its compile time do not grow with T. ``False``: T separate
-      calls of the same VJP (one forward pass still), stacked; the program
-      grows linearly with T. Same numbers either way. ``False`` is for a few
-      tasks on XLA:CPU, where a batched pullback through convolutions and
-      pooling can be slower than separate ones (1.04-1.13x on the small CNN
-      of ``benchmarks/results/e2e.md``); on GPU/TPU keep the default.
+    batched: ``True`` (default): one pullback program for all T tasks, so
+      the traced program and its compile time do not grow with T: a
+      ``jax.vmap``-ed VJP on GPU/TPU; on XLA:CPU a ``lax.map`` over the
+      tasks (a loop), because XLA:CPU transposes the ``vmap``-ed weight
+      gradients of dense layers into the stacked layout at a cost above
+      the matmuls' (``benchmarks/results/step_profile.md``), except for a
+      loss with convolutions, which keeps the ``vmap`` (XLA:CPU runs a
+      convolution's kernel gradient inside a loop tens of times slower).
+      ``False``: T separate calls of the same VJP (one forward pass
+      still), stacked; the program grows linearly with T. Same numbers
+      every way. ``False`` is for a few tasks through convolutions on
+      XLA:CPU, where it can beat the ``vmap`` (the small CNN of
+      ``benchmarks/results/e2e.md``); on GPU/TPU keep the default.
 
   Returns:
     A function with ``loss_fn``'s signature returning ``(losses, grads)`` or
@@ -257,7 +282,7 @@ def task_value_and_grad(loss_fn: Callable[..., Any], *,
         loss_fn, argnums, has_aux, args, kwargs, "task_value_and_grad")
     basis = vary_like(jnp.eye(losses.shape[0], dtype=losses.dtype), losses)
     if batched:
-      grads = jax.vmap(vjp_fn)(basis)
+      grads = pull_back_tasks(vjp_fn, basis)
     else:
       rows = [vjp_fn(basis[t]) for t in range(losses.shape[0])]
       grads = jax.tree.map(lambda *r: jnp.stack(r), *rows)

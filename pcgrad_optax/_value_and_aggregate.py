@@ -21,7 +21,8 @@ from pcgrad_optax._core.transform import (GramProbe, GramStep, check_weights,
                                           gram_step_of)
 from pcgrad_optax._core.weighted_sum import leaf_weighted_sum
 from pcgrad_optax._task_value_and_grad import (check_task_losses,
-                                               losses_and_vjp)
+                                               losses_and_vjp,
+                                               pull_back_tasks)
 
 ENGINES = ("auto", "stacked", "gram")
 
@@ -419,7 +420,7 @@ def _stacked(partial_fn, leaves, has_aux):
   out, vjp_fn, aux = losses_and_vjp(partial_fn, 0, has_aux, (leaves,), {},
                                     "value_and_aggregate")
   basis = vary_like(jnp.eye(out.shape[0], dtype=out.dtype), out)
-  (grads,) = jax.vmap(vjp_fn)(basis)
+  (grads,) = pull_back_tasks(vjp_fn, basis)
   return ((out, aux) if has_aux else out), list(grads)
 
 

@@ -7,9 +7,12 @@ change of the one forward pass written back once.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import pcgrad_optax as po
@@ -335,3 +338,122 @@ def test_nnx_diff_state_on_a_plain_argument_rejected():
   with pytest.raises(ValueError, match="DiffState"):
     po.task_value_and_grad(three_losses, argnums=nnx.DiffState(0, nnx.Param))(
         PARAMS, HEAD, X)
+
+
+# --- the CPU loop over tasks (benchmarks/results/step_profile.md) -----------
+
+def _trunk_losses(p, x):
+  """A two-layer trunk with T = 5 linear heads; distinctive leaf shapes."""
+  h = jax.nn.relu(x @ p["w1"] + p["b1"])
+  h = jax.nn.relu(h @ p["w2"])
+  return jnp.mean((h @ p["heads"]) ** 2, axis=0)           # (5,)
+
+
+def _trunk_params():
+  rng = np.random.default_rng(3)
+  return ({"w1": rng.standard_normal((24, 40)).astype(np.float32) / 5,
+           "b1": rng.standard_normal(40).astype(np.float32),
+           "w2": rng.standard_normal((40, 56)).astype(np.float32) / 6,
+           "heads": rng.standard_normal((56, 5)).astype(np.float32) / 7},
+          rng.standard_normal((32, 24)).astype(np.float32))
+
+
+def _conv_losses(p, x):
+  h = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  h = jax.nn.relu(h).reshape(x.shape[0], -1)
+  return jnp.mean((h @ p["heads"]) ** 2, axis=0)           # (3,)
+
+
+def _conv_params():
+  rng = np.random.default_rng(4)
+  return ({"k": rng.standard_normal((3, 3, 2, 4)).astype(np.float32) / 4,
+           "heads": rng.standard_normal((6 * 6 * 4, 3)).astype(np.float32)
+                    / 12},
+          rng.standard_normal((8, 6, 6, 2)).astype(np.float32))
+
+
+def _force_vmap(monkeypatch):
+  from pcgrad_optax._core import cpu
+  monkeypatch.setattr(cpu, "loop_over_tasks", lambda _: False)
+
+
+@pytest.mark.parametrize("case", ["dense", "conv"])
+def test_loop_over_tasks_equals_vmap_and_sequential(case, monkeypatch):
+  # Every formulation of the pullbacks gives the same stacked gradients.
+  fn, (params, x) = {"dense": (_trunk_losses, _trunk_params()),
+                     "conv": (_conv_losses, _conv_params())}[case]
+  default = jax.jit(po.task_value_and_grad(fn))(params, x)
+  sequential = jax.jit(po.task_value_and_grad(fn, batched=False))(params, x)
+  _force_vmap(monkeypatch)
+  vmapped = jax.jit(po.task_value_and_grad(fn))(params, x)
+  for other in (sequential, vmapped):
+    assert_trees_close(default, other, rtol=1e-5, atol=1e-6)
+  assert_trees_close(default[1], per_task_grads(fn, 0, params, x),
+                     rtol=1e-5, atol=1e-6)
+
+
+def _task_axis_transposes(hlo: str, t: int, shapes) -> list[str]:
+  """transpose/copy instructions producing a (T,) + shape array."""
+  wanted = {(t,) + tuple(s) for s in shapes}
+  found = []
+  for m in re.finditer(r"= f32\[([0-9,]*)\]\{[0-9,]*\} (transpose|copy)\(",
+                       hlo):
+    dims = tuple(int(d) for d in m.group(1).split(",") if d)
+    if dims in wanted:
+      found.append(m.group(0))
+  return found
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU only")
+def test_cpu_pullbacks_are_a_loop_without_task_axis_transposes(monkeypatch):
+  # The structural guard of the fix: on CPU the stacked dense weight
+  # gradients are written by a while loop in their own layout, with no
+  # transposing copy of a (T, in, out) array, in task_value_and_grad and in
+  # value_and_aggregate's stacked engine, jitted with an optimizer.
+  params, x = _trunk_params()
+  shapes = [params["w1"].shape, params["w2"].shape]
+  opt = optax.adam(1e-3)
+  agg = po.pcgrad(key=0, shared={"w1": True, "b1": True, "w2": True,
+                                 "heads": False})
+
+  def user_step():           # task_value_and_grad + pcgrad + adam, new fn
+    def step(p, s, a, x):    # (a new function: no cached trace is reused)
+      _, g = po.task_value_and_grad(_trunk_losses)(p, x)
+      u, a = agg.update(g, a, p)
+      u, s = opt.update(u, s, p)
+      return optax.apply_updates(p, u), s, a
+    return step
+
+  engine = po.value_and_aggregate(_trunk_losses, po.pcgrad(key=0),
+                                  engine="stacked",
+                                  shared={"w1": True, "b1": True, "w2": True,
+                                          "heads": False})
+
+  def engine_step(p, s, a, x):
+    _, u, a = engine(p, a, x)
+    u, s = opt.update(u, s, p)
+    return optax.apply_updates(p, u), s, a
+
+  args = (params, opt.init(params), agg.init(params), x)
+
+  def hlo(step):
+    return jax.jit(step).lower(*args).compile().as_text()
+
+  for step in (user_step(), engine_step):
+    text = hlo(step)
+    assert " while(" in text
+    assert not _task_axis_transposes(text, 5, shapes)
+  # The check is not vacuous: the vmap formulation has those transposes.
+  _force_vmap(monkeypatch)
+  assert _task_axis_transposes(hlo(user_step()), 5, shapes)
+
+
+def test_cpu_pullbacks_keep_vmap_for_convolutions():
+  # XLA:CPU runs a convolution's kernel gradient inside a loop body through
+  # its generic (slow) code, so a pullback holding a convolution keeps the
+  # vmap: no while loop in its HLO.
+  params, x = _conv_params()
+  text = jax.jit(po.task_value_and_grad(_conv_losses)).lower(
+      params, x).compile().as_text()
+  assert " while(" not in text

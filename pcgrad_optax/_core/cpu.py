@@ -7,13 +7,21 @@ smaller pieces, so large unsharded leaves take other code:
 ``pcgrad_optax._core.gram`` tiles the Gram matrix into cache-sized slice
 products, and ``pcgrad_optax._core.weighted_sum`` adds rows for few tasks.
 Every figure quoted for them is from ``benchmarks/results/cpu_paths.md``.
+
+The per-task pullbacks of :func:`pcgrad_optax.task_value_and_grad` are a
+``vmap`` on GPU/TPU and, unless they hold a convolution, a loop on CPU
+(:func:`loop_over_tasks`; figures in
+``benchmarks/results/step_profile.md``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import jax
+from jax.extend import core as jcore
 
 from pcgrad_optax._core.mesh import explicit_spec
 
@@ -28,3 +36,42 @@ def fast_path(x) -> bool:
   return (math.prod(x.shape[1:]) >= MIN_SIZE
           and jax.default_backend() == "cpu" and jax.device_count() == 1
           and explicit_spec(x) is None)
+
+
+def loop_over_tasks(pullback_jaxpr: Callable[[], Any]) -> bool:
+  """Whether the T pullbacks of one VJP run as a loop, not a ``vmap``.
+
+  On XLA:CPU a ``vmap``-ed pullback computes each dense weight gradient of
+  all tasks as one matmul whose output has the task axis inside (``(T *
+  out, in)``), then transposes the ``T x P`` result into the stacked
+  ``(T, in, out)`` layout, once per consumer: those transposing copies cost
+  more than the matmuls. A ``lax.map`` over the tasks computes every
+  per-task gradient in its own layout, in place, with a program that does
+  not grow with T. But inside a loop body XLA:CPU leaves the kernel
+  gradient of a convolution in a form its Eigen convolution does not take
+  and runs it through its generic loop code, tens of times slower, so a
+  pullback with a convolution keeps the ``vmap``, as GPU/TPU always do.
+  Figures: ``benchmarks/results/step_profile.md``.
+
+  Args:
+    pullback_jaxpr: returns the jaxpr of one task's pullback (called only
+      on CPU).
+  """
+  if jax.default_backend() != "cpu":
+    return False
+  return not _has_primitive(pullback_jaxpr(), _LOOP_AVERSE)
+
+
+# Primitives XLA:CPU runs far slower inside a while loop's body.
+_LOOP_AVERSE = frozenset({"conv_general_dilated"})
+
+
+def _has_primitive(jaxpr, names) -> bool:
+  """Whether ``jaxpr`` or any jaxpr nested in it uses a primitive in names."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in names:
+      return True
+    if any(_has_primitive(sub, names)
+           for sub in jcore.jaxprs_in_params(eqn.params)):
+      return True
+  return False
