@@ -16,7 +16,6 @@ Imported by tests/test_checkpoint.py and by the fresh process it starts.
 """
 from __future__ import annotations
 
-import inspect
 from typing import NamedTuple
 
 import jax
@@ -25,21 +24,11 @@ import numpy as np
 import optax
 
 import pcgrad_optax as po
+from factory_args import SECOND_BATCH, factory_kwargs
 
 T = 3
 STEPS = 4     # steps of the uninterrupted run
 SAVE_AT = 2   # steps before the checkpoint
-
-# Hyperparameters without defaults (STCH: one warm-up step, so that both
-# of its phases run before and after the checkpoint).
-REQUIRED = {"stch": {"warmup_steps": 1}, "stch_loss": {"warmup_steps": 1},
-            "cosmos": {"lambda_": 1.0}, "cosmos_loss": {"lambda_": 1.0},
-            "constant": {"weights": np.array([0.5, 1.0, 2.0], np.float32)},
-            "krum": {"num_byzantine": 0}, "trimmed_mean": {"trim": 1},
-            "cr_mogm": {"weighting": po.weighting.mgda}}
-# Methods whose update takes a second batch's stacked gradients.
-SECOND_BATCH = {"sdmgrad", "modo"}
-
 
 class OnePass(NamedTuple):
   """A ``<method>_loss`` trained by one backward pass, with an optimiser."""
@@ -51,11 +40,9 @@ class OnePass(NamedTuple):
 
 
 def _method(name):
-  factory = getattr(po, name)
-  kwargs = dict(REQUIRED.get(name, {}))
-  if "num_tasks" in inspect.signature(factory).parameters:
-    kwargs["num_tasks"] = T
-  return factory(**kwargs)
+  # Required arguments from tests/factory_args.py (STCH: one warm-up step,
+  # so that both of its phases run before and after the checkpoint).
+  return getattr(po, name)(**factory_kwargs(name, T))
 
 
 class SecondBatchChain(NamedTuple):

@@ -165,14 +165,20 @@ def check_zero_and_opposite(spec: Spec):
 
 
 def check_low_precision(spec: Spec):
-  for dtype in (jnp.bfloat16, jnp.float16):
-    params = jax.tree.map(lambda p: p.astype(dtype), params_like())
-    tx = spec.make()
-    grads = stacked_grads(3, dtype=dtype)
-    out, _ = jax.jit(lambda g, s: _update(spec, tx, g, s, params))(
-        grads, tx.init(params))
-    ref, _ = _update(spec, tx, stacked_grads(3), tx.init(params_like()),
-                     params_like())
+  """bf16 and f16 updates (one jitted program) are close to the f32 one."""
+  tx = spec.make()
+  ref, _ = _update(spec, tx, stacked_grads(3), tx.init(params_like()),
+                   params_like())
+  dtypes = (jnp.bfloat16, jnp.float16)
+  cases = []   # (tx, params, grads), one transformation per dtype
+  for dtype in dtypes:
+    params = jax.tree.map(lambda p, d=dtype: p.astype(d), params_like())
+    cases.append((spec.make(), params, stacked_grads(3, dtype=dtype)))
+  outs = jax.jit(lambda grads, states: [
+      _update(spec, tx, g, s, params)[0]
+      for (tx, params, _), g, s in zip(cases, grads, states)])(
+          [g for *_, g in cases], [tx.init(p) for tx, p, _ in cases])
+  for dtype, out in zip(dtypes, outs):
     for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
       assert o.dtype == dtype
       assert np.all(np.isfinite(np.asarray(o, np.float32)))
@@ -343,13 +349,14 @@ def check_inject_hyperparams(spec: Spec):
   for variant in (lambda f: f, jax.jit):
     state, state_inject = (variant(plain.init)(params),
                            variant(injected.init)(params))
+    # Built once: every seed reuses the same (jitted) functions.
+    update = variant(lambda g, s: _update(spec, plain, g, s, params))
+    update_inject = variant(
+        lambda g, s: _update(spec, injected, g, s, params))
     for seed in range(2):
       grads = stacked_grads(OPTAX_T, seed)
-      out, state = variant(lambda g, s: _update(spec, plain, g, s, params))(
-          grads, state)
-      out_inject, state_inject = variant(
-          lambda g, s: _update(spec, injected, g, s, params))(
-              grads, state_inject)
+      out, state = update(grads, state)
+      out_inject, state_inject = update_inject(grads, state_inject)
       _assert_trees_equal(out_inject, out, rtol=1e-4, atol=1e-6)
       _assert_trees_equal(state_inject.inner_state, state, rtol=1e-4,
                           atol=1e-6)
@@ -371,34 +378,47 @@ def check_dtype_and_state_stability(spec: Spec):
   ``inject_hyperparams``: two jitted steps through ``lax.cond`` (as optax's
   ``test_state_shape_dtype_shard_stability``), every update leaf in its
   gradient's dtype and finite, the state's shapes, dtypes, weak types and
-  shardings those of ``init``.
+  shardings those of ``init``. Every case without x64 is one program, and
+  the f64 cases another (each update keeps its own ``lax.cond``).
   """
-  for dtype in DTYPES:
-    with _x64(dtype):
-      params = jax.tree.map(lambda p: p.astype(dtype), params_like())
-      txs = (spec.factory(**optax_kwargs(spec)),
-             _inject(spec)(**optax_kwargs(spec)))
-      for tx in txs:
+  for dtypes in (DTYPES[:-1], DTYPES[-1:]):
+    with _x64(dtypes[0]):
+      cases = []   # (label, tx, params, dtype)
+      for dtype in dtypes:
+        params = jax.tree.map(lambda p, d=dtype: p.astype(d), params_like())
+        cases += [(f"{jnp.dtype(dtype).name}/{kind}", tx, params, dtype)
+                  for kind, tx in (
+                      ("plain", spec.factory(**optax_kwargs(spec))),
+                      ("inject_hyperparams",
+                       _inject(spec)(**optax_kwargs(spec))))]
 
-        @jax.jit
-        def step(grads, state, tx=tx, params=params):
-          pred = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
-          return jax.lax.cond(
-              pred, lambda: _update(spec, tx, grads, state, params),
-              lambda: (params, state))
+      @jax.jit
+      def step(grads, states, cases=cases):
+        pred = jax.random.randint(jax.random.key(0), (), 0, 2) == 0
 
-        # lax.cond itself fails unless the update's dtypes are the
-        # gradients' (the other branch returns params-dtype arrays) and the
-        # new state has the old one's types.
-        state = tx.init(params)
-        layout = _layout(state)
-        for seed in range(2):
-          grads = stacked_grads(OPTAX_T, seed, dtype=dtype)
-          out, state = step(grads, state)
-          for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(grads)):
-            assert o.dtype == g.dtype, (dtype, o.dtype)
-            assert np.all(np.isfinite(np.asarray(o, np.float64)))
-          assert _layout(state) == layout, dtype
+        def one(tx, params, g, s):
+          return jax.lax.cond(pred, lambda: _update(spec, tx, g, s, params),
+                              lambda: (params, s))
+
+        return [one(tx, params, g, s)
+                for (_, tx, params, _), g, s in zip(cases, grads, states)]
+
+      # lax.cond itself fails unless the update's dtypes are the
+      # gradients' (the other branch returns params-dtype arrays) and the
+      # new state has the old one's types.
+      states = [tx.init(params) for _, tx, params, _ in cases]
+      layouts = [_layout(state) for state in states]
+      for seed in range(2):
+        grads = [stacked_grads(OPTAX_T, seed, dtype=dtype)
+                 for *_, dtype in cases]
+        results = step(grads, states)
+        states = [state for _, state in results]
+        for (label, *_), (out, state), g_tree, layout in zip(
+            cases, results, grads, layouts):
+          for o, g in zip(jax.tree.leaves(out), jax.tree.leaves(g_tree)):
+            assert o.dtype == g.dtype, (label, o.dtype)
+            assert np.all(np.isfinite(np.asarray(o, np.float64))), label
+          assert _layout(state) == layout, label
 
 
 def check_no_compile_on_second_update(spec: Spec):

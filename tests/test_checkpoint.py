@@ -31,6 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.experimental.compilation_cache import (
+    compilation_cache as jax_compilation_cache)
 
 import checkpoint_cases as cc
 import pcgrad_optax as po
@@ -56,8 +58,31 @@ def test_cases_cover_every_transformation():
 
 
 @pytest.fixture(scope="module")
-def runs():
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache for this module's programs.
+
+  The fresh process of the resume test is given it too: it loads the
+  training steps' executables compiled here instead of compiling them all
+  again (a fresh process all the same: nothing else is shared). The
+  previous settings are restored afterwards.
+  """
+  path = str(tmp_path_factory.mktemp("jax_compilation_cache"))
+  options = {"jax_compilation_cache_dir": path,
+             "jax_persistent_cache_min_compile_time_secs": 0.0}
+  previous = {name: getattr(jax.config, name) for name in options}
+  jax_compilation_cache.reset_cache()
+  for name, value in options.items():
+    jax.config.update(name, value)
+  yield path
+  for name, value in previous.items():
+    jax.config.update(name, value)
+  jax_compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def runs(compilation_cache):
   """name -> (tx, step, params and state after SAVE_AT steps, final pair)."""
+  del compilation_cache   # only its setting: the steps compile into it
   out = {}
   for name in CASE_NAMES:
     tx = cc.CASES[name]()
@@ -133,7 +158,8 @@ print(json.dumps(report))
 """
 
 
-def test_resume_in_a_fresh_process_is_bit_identical(runs, tmp_path):
+def test_resume_in_a_fresh_process_is_bit_identical(runs, compilation_cache,
+                                                    tmp_path):
   ckptr = ocp.StandardCheckpointer()
   for name, (_, _, saved, final) in runs.items():
     (tmp_path / f"{name}.msgpack").write_bytes(
@@ -145,7 +171,9 @@ def test_resume_in_a_fresh_process_is_bit_identical(runs, tmp_path):
     ckptr.save(tmp_path / f"{name}.orbax", saved)
   ckptr.wait_until_finished()
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-      [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+      [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
+             JAX_COMPILATION_CACHE_DIR=compilation_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   result = subprocess.run(
       [sys.executable, "-c", RESUME_SCRIPT, str(tmp_path)], env=env,
       capture_output=True, text=True, timeout=900, check=False)
