@@ -580,8 +580,10 @@ def main(argv=None, make_env=None):
   n_random = args.random_steps_per_task
   rng = np.random.default_rng(args.seeds[0])
   staged = {k: [] for k in ("obs", "act", "rew", "next", "term")}
-  wall0 = time.time() - (json.load(open(ckpt + ".json"))["wall_s"]
-                         if args.resume and start else 0.0)
+  prev = (json.load(open(ckpt + ".json")) if args.resume and start
+          else {"wall_s": 0.0, "cpu_s": 0.0})
+  wall0 = time.time() - prev["wall_s"]
+  cpu0 = time.process_time() - prev.get("cpu_s", 0.0)
   env_time = train_time = 0.0
   metrics = None
   step = start
@@ -625,7 +627,8 @@ def main(argv=None, make_env=None):
              "mean_success_per_seed": succ.mean(1).tolist(),
              "train_success": (hits / np.maximum(episodes, 1)).tolist(),
              "train_episodes": episodes.tolist(),
-             "wall_s": wall, "env_s": env_time, "train_s": train_time,
+             "wall_s": wall, "cpu_s": time.process_time() - cpu0,
+             "env_s": env_time, "train_s": train_time,
              "eval_s": eval_time, "load1": os.getloadavg()[0],
              "updates": int(np.asarray(agent.state.updates)[0])}
       if metrics is not None:
@@ -637,7 +640,8 @@ def main(argv=None, make_env=None):
             f"per seed {np.round(succ.mean(1), 3).tolist()} wall {wall:.0f}s "
             f"(env {env_time:.0f} train {train_time:.0f} eval "
             f"{eval_time:.0f}) load {os.getloadavg()[0]:.1f}", flush=True)
-      save_checkpoint(ckpt, agent, step, {"wall_s": wall})
+      save_checkpoint(ckpt, agent, step,
+                      {"wall_s": wall, "cpu_s": time.process_time() - cpu0})
       hits[:], episodes[:] = 0, 0
       # The envs' episodes go on; staged transitions were flushed above
       # when eval_every is a multiple of chunk.

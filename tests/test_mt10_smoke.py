@@ -73,7 +73,8 @@ def test_per_task_temperatures(sac):
   buf = sac.insert(sac.init_buffer(cfg, 16),
                    *(x[0] for x in _transitions(1, 10)))
   assert state.log_alpha.shape == (T,)
-  new, metrics = sac.update_step(cfg, txs, state, buf)
+  update = jax.jit(lambda s, b: sac.update_step(cfg, txs, s, b))
+  new, metrics = update(state, buf)
   step = np.asarray(new.log_alpha - state.log_alpha)
   entropy = np.asarray(metrics["entropy"])
   # Adam's first step: -lr * sign(grad), grad = -(E[log pi] + target H)
