@@ -47,8 +47,9 @@ Run from the repository root (needs ``pip install -e ".[rl]"``)::
   python benchmarks/mt10_sac.py --method pcgrad --seeds 0 1 2 \\
       --steps-per-task 20000 --out benchmarks/results/mt10_logs
 
-The paper-scale budget (2M env steps per task, 20M in all; the networks
-and batch of the mtrl/CARE setup) for a bigger machine::
+A budget of the order of the published runs (millions of env steps per
+task: here 2M per task, 20M in all), with wider networks and a larger batch,
+for a bigger machine::
 
   python benchmarks/mt10_sac.py --method pcgrad --seeds 0 1 2 \\
       --steps-per-task 2000000 --hidden 400 400 400 --batch-per-task 128 \\
@@ -175,7 +176,7 @@ def init_buffer(cfg: Config, capacity: int) -> Buffer:
 
 
 def insert(buf: Buffer, obs, act, rew, next_obs, term) -> Buffer:
-  """Appends ``K`` vector steps (arrays ``(K, T, ...)``) to every task's ring."""
+  """Appends ``K`` vector steps (``(K, T, ...)`` arrays) to each ring."""
   cap = buf.obs.shape[1]
   k = obs.shape[0]
   idx = (buf.ptr + jnp.arange(k)) % cap
@@ -525,6 +526,8 @@ def parse_args(argv=None):
   p.add_argument("--eval-every", type=int, default=5000,
                  help="env steps per task between evaluations")
   p.add_argument("--eval-episodes", type=int, default=1)
+  p.add_argument("--log-every", type=int, default=500,
+                 help="env steps per task between training-success logs")
   p.add_argument("--grads", choices=("vmap", "tvg"), default="vmap")
   p.add_argument("--out", default="benchmarks/results/mt10_logs")
   p.add_argument("--run", default=None, help="run name (default: method)")
@@ -573,9 +576,10 @@ def main(argv=None, make_env=None):
           "build_envs_s": t_build}
   print(json.dumps(meta), flush=True)
   chunk = args.chunk
-  if args.eval_every % chunk:
-    raise ValueError(f"--eval-every ({args.eval_every}) must be a multiple "
-                     f"of --chunk ({chunk}): checkpoints hold no staged steps")
+  if args.eval_every % chunk or args.log_every % chunk:
+    raise ValueError(f"--eval-every ({args.eval_every}) and --log-every "
+                     f"({args.log_every}) must be multiples of --chunk "
+                     f"({chunk}): checkpoints hold no staged steps")
   updates_per_chunk = int(round(chunk * args.utd))
   n_random = args.random_steps_per_task
   rng = np.random.default_rng(args.seeds[0])
@@ -615,36 +619,41 @@ def main(argv=None, make_env=None):
       jax.block_until_ready(agent.state)
       train_time += time.time() - tt
       staged = {k: [] for k in staged}
-    if step % args.eval_every == 0 or step == args.steps_per_task:
-      tv = time.time()
-      succ, ret = evaluate(agent, eval_envs, args.eval_episodes,
-                           args.max_episode_steps, reset_offset=step)
-      eval_time = time.time() - tv
+    is_eval = step % args.eval_every == 0 or step == args.steps_per_task
+    if is_eval or step % args.log_every == 0:
+      rec = {"env_steps_per_task": step, "env_steps": step * t_}
+      if is_eval:
+        tv = time.time()
+        succ, ret = evaluate(agent, eval_envs, args.eval_episodes,
+                             args.max_episode_steps, reset_offset=step)
+        eval_time = time.time() - tv
+        rec.update({"success": succ.tolist(), "return": ret.tolist(),
+                    "mean_success": float(succ.mean()),
+                    "mean_success_per_seed": succ.mean(1).tolist(),
+                    "eval_s": eval_time})
       wall = time.time() - wall0
-      rec = {"env_steps_per_task": step, "env_steps": step * t_,
-             "success": succ.tolist(), "return": ret.tolist(),
-             "mean_success": float(succ.mean()),
-             "mean_success_per_seed": succ.mean(1).tolist(),
-             "train_success": (hits / np.maximum(episodes, 1)).tolist(),
-             "train_episodes": episodes.tolist(),
-             "wall_s": wall, "cpu_s": time.process_time() - cpu0,
-             "env_s": env_time, "train_s": train_time,
-             "eval_s": eval_time, "load1": os.getloadavg()[0],
-             "updates": int(np.asarray(agent.state.updates)[0])}
+      rec.update({
+          "train_success": (hits / np.maximum(episodes, 1)).tolist(),
+          "train_episodes": episodes.tolist(),
+          "wall_s": wall, "cpu_s": time.process_time() - cpu0,
+          "env_s": env_time, "train_s": train_time,
+          "load1": os.getloadavg()[0],
+          "updates": int(np.asarray(agent.state.updates)[0])})
       if metrics is not None:
         rec.update({k: np.asarray(v).mean(0).tolist()
                     for k, v in metrics.items()})
       with open(log_path, "a") as f:
         f.write(json.dumps(rec) + "\n")
-      print(f"[{run}] step/task {step} success {succ.mean():.3f} "
-            f"per seed {np.round(succ.mean(1), 3).tolist()} wall {wall:.0f}s "
-            f"(env {env_time:.0f} train {train_time:.0f} eval "
-            f"{eval_time:.0f}) load {os.getloadavg()[0]:.1f}", flush=True)
-      save_checkpoint(ckpt, agent, step,
-                      {"wall_s": wall, "cpu_s": time.process_time() - cpu0})
+      tr = np.asarray(rec["train_success"]).mean()
+      ev = f" eval success {succ.mean():.3f}" if is_eval else ""
+      print(f"[{run}] step/task {step} train success {tr:.3f}{ev} "
+            f"wall {wall:.0f}s cpu {rec['cpu_s']:.0f}s (env {env_time:.0f} "
+            f"train {train_time:.0f}) load {rec['load1']:.1f}", flush=True)
       hits[:], episodes[:] = 0, 0
-      # The envs' episodes go on; staged transitions were flushed above
-      # when eval_every is a multiple of chunk.
+      if is_eval:
+        # Staged transitions were flushed above (eval_every % chunk == 0).
+        save_checkpoint(ckpt, agent, step,
+                        {"wall_s": wall, "cpu_s": rec["cpu_s"]})
   return 0
 
 

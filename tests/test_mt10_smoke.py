@@ -180,22 +180,26 @@ def test_main_on_a_fake_env_logs_checkpoints_and_resumes(sac, tmp_path):
   args = ["--method", "pcgrad", "--seeds", "0", "1", "--hidden", "16",
           "--batch-per-task", "8", "--random-steps-per-task", "20",
           "--chunk", "10", "--eval-every", "30", "--max-episode-steps", "20",
-          "--utd", "1", "--out", str(tmp_path)]
+          "--utd", "1", "--log-every", "20", "--out", str(tmp_path)]
   assert sac.main(args + ["--steps-per-task", "60"], make_env=FakeVecEnv) == 0
   log = tmp_path / "pcgrad" / "log.jsonl"
   recs = [json.loads(line) for line in log.read_text().splitlines()]
-  assert [r["env_steps_per_task"] for r in recs] == [30, 60]
-  for r in recs:
+  assert [r["env_steps_per_task"] for r in recs] == [20, 30, 40, 60]
+  evals = [r for r in recs if "success" in r]
+  assert [r["env_steps_per_task"] for r in evals] == [30, 60]
+  for r in evals:
     assert np.asarray(r["success"]).shape == (2, T)
-    assert np.asarray(r["train_success"]).shape == (2, T)
     assert 0.0 <= r["mean_success"] <= 1.0
+  for r in recs:
+    assert np.asarray(r["train_success"]).shape == (2, T)
   assert recs[-1]["updates"] == 50   # from step 20 (the random steps in)
-  assert sum(map(sum, recs[0]["train_episodes"])) == 2 * T   # one episode
+  # One 20-step episode per env by step 20, one more by step 40.
+  assert [sum(map(sum, r["train_episodes"])) for r in recs] == [6, 0, 6, 6]
   assert (tmp_path / "pcgrad" / "ckpt.msgpack").exists()
   assert sac.main(args + ["--steps-per-task", "90", "--resume"],
                   make_env=FakeVecEnv) == 0
   recs = [json.loads(line) for line in log.read_text().splitlines()]
-  assert [r["env_steps_per_task"] for r in recs] == [30, 60, 90]
+  assert [r["env_steps_per_task"] for r in recs] == [20, 30, 40, 60, 80, 90]
   assert recs[-1]["updates"] == 80
 
 
