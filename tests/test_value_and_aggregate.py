@@ -320,10 +320,12 @@ def test_not_gram_based_aggregators_take_the_stacked_path():
                                 losses=losses)
     out, update, state = jax.jit(po.value_and_aggregate(mlp_losses, agg))(
         MLP_PARAMS, agg.init(MLP_PARAMS), *MLP_BATCH)
+    # f32 tolerance: the jitted step and the eager reference fuse (and on
+    # CPU loop over the tasks) differently.
     for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref)):
-      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(state_leaves(state), state_leaves(ref_state)):
-      np.testing.assert_allclose(a, b, rtol=1e-6)
+      np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
 def test_auto_rule():

@@ -131,8 +131,10 @@ def test_inject_hyperparams_num_tasks_traced(name):
                                   losses=losses_at(n))
     np.testing.assert_allclose(out["trunk"], ref["trunk"], rtol=1e-5,
                                atol=1e-6)
+    # f32 rounding: jitted and eager steps fuse differently (weights up to
+    # about 3 here, so atol is a few ulps of the largest).
     np.testing.assert_allclose(state.inner_state.weights, ref_state.weights,
-                               rtol=1e-5, atol=1e-7)
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_stch_warmup_schedule_traced_on_the_one_pass_path():
