@@ -1010,7 +1010,9 @@ def merge_rows(earlier, cells, names, load_before, seconds, command):
                            "rounds": new["rounds"], "load": new["load"],
                            "floor": new["times"]["floor"]}]
     merged.append(old)
-  runs = earlier.get("runs") or [_FIRST_RUN]
+  # A run whose every method is timed again here no longer owns any cell.
+  runs = [r for r in earlier.get("runs") or [_FIRST_RUN]
+          if r["methods"] is None or set(r["methods"]) - set(names)]
   runs = runs + [{"date": today, "methods": list(names),
                   "load_before": load_before, "seconds": seconds,
                   "command": command}]
