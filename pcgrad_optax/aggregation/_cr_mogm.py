@@ -141,6 +141,14 @@ def _cr_mogm_step(leaves, previous, count, beta, *, weighting, mask,
                   reduction, restart):
   t = leaves[0].shape[0]
   gram = masked_gram(leaves, list(mask), t)
+  smoothed = _smoothed_weights(gram, previous, count, beta,
+                               weighting=weighting, restart=restart)
+  return combine_leaves(leaves, mask, smoothed, reduction), smoothed, gram
+
+
+def _smoothed_weights(gram, previous, count, beta, *, weighting, restart):
+  """One EMA step of the weighting's weights on this step's Gram matrix."""
+  t = gram.shape[0]
   fresh = jnp.asarray(weighting(gram))
   if fresh.shape != (t,):
     raise ValueError(f"CR-MOGM's weighting returned shape {fresh.shape}, "
@@ -149,8 +157,7 @@ def _cr_mogm_step(leaves, previous, count, beta, *, weighting, mask,
     # No initial weights: lambda_0 = lambda_hat_1, so the first step gives
     # the weighting's own weights.
     previous = jnp.where(count == 0, fresh.astype(previous.dtype), previous)
-  smoothed = _ema(previous, fresh, beta, gram.dtype)
-  return combine_leaves(leaves, mask, smoothed, reduction), smoothed, gram
+  return _ema(previous, fresh, beta, gram.dtype)
 
 
 @documented
@@ -261,18 +268,10 @@ def cr_mogm(weighting: Callable[[jax.Array], jax.Array],
 
   def gram_step(gram, state):
     # The same step on a Gram matrix formed elsewhere (value_and_aggregate).
-    t = gram.shape[0]
-    check_record(state.weights, t, "cr_mogm")
-    fresh = jnp.asarray(weighting(gram))
-    if fresh.shape != (t,):
-      raise ValueError(f"CR-MOGM's weighting returned shape {fresh.shape}, "
-                       f"expected (T,) = ({t},).")
-    previous = state.weights
-    if initial_weights is None:
-      previous = jnp.where(state.count == 0, fresh.astype(previous.dtype),
-                           previous)
-    smoothed = _ema(previous, fresh, jnp.asarray(beta, jnp.float32),
-                    gram.dtype)
+    check_record(state.weights, gram.shape[0], "cr_mogm")
+    smoothed = _smoothed_weights(
+        gram, state.weights, state.count, jnp.asarray(beta, jnp.float32),
+        weighting=weighting, restart=initial_weights is None)
     return smoothed, _next_state(state, smoothed, gram)
 
   hook = GramStep(gram_step, shared, reduction, "cr_mogm")
