@@ -56,9 +56,11 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
     an operand of a ``dot_general`` (Dense, Einsum, attention projections,
     through ``jit`` calls and layout-only casts, transposes, reshapes), gets
     a zero "tap" added to that ``dot_general``'s output ``Y = X W``. One
-    forward pass and a ``vmap`` over the tasks of the VJP w.r.t. the taps
-    give the per-task output cotangents :math:`D_t = \partial L_t /
-    \partial Y`, and the leaf's block of the Gram matrix is
+    forward pass and the T pullbacks of its VJP w.r.t. the taps (a loop
+    on CPU unless the model has a convolution, a ``vmap`` elsewhere, as in
+    :func:`pcgrad_optax.task_value_and_grad`) give the per-task output
+    cotangents :math:`D_t = \partial L_t / \partial Y`, and the leaf's
+    block of the Gram matrix is
 
     .. math::
       \langle g_s, g_t \rangle = \langle X^T D_s, X^T D_t \rangle
@@ -478,7 +480,7 @@ def _gram_engine(traced, dense, leaves, mask, hook, reduction, state,
     # the tasks back one at a time (a loop, one compiled body) instead.
     fb_grads, tap_cts = jax.lax.map(vjp_fn, basis)
   else:
-    fb_grads, tap_cts = jax.vmap(vjp_fn)(basis)
+    fb_grads, tap_cts = pull_back_tasks(vjp_fn, basis)
 
   acc = leaves_accumulation_dtype(leaves)
   gram = jnp.zeros((t, t), acc)

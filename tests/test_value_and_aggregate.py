@@ -10,6 +10,9 @@ einsums, layer norms, an embedding) and a Flax NNX model.
 
 from __future__ import annotations
 
+import math
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,7 +23,7 @@ from flax import nnx
 from jax.extend import core as jcore
 
 import pcgrad_optax as po
-from pcgrad_optax._core import taps
+from pcgrad_optax._core import cpu, taps
 
 T = 3
 RNG = np.random.default_rng(0)
@@ -749,3 +752,89 @@ def test_fallback_gradients_are_discarded_after_their_gram_block():
                                    engine="stacked", shared=head_mask)
   assert not _sums_over_tasks(gram, params, agg.init(params), batch, kernel)
   assert _sums_over_tasks(stacked, params, agg.init(params), batch, kernel)
+
+
+# --- XLA:CPU: the Gram blocks on the cotangents' own layout -------------------
+
+def wide_losses(p, x, y):
+  h = jax.nn.relu(x @ p["w1"])
+  h = jax.nn.relu(h @ p["w2"])
+  return jnp.mean((h @ p["heads"] - y) ** 2, axis=0)
+
+
+def _wide_case():
+  rng = np.random.default_rng(7)
+  params = {"w1": normal(16, 512, scale=0.25, rng=rng),
+            "w2": normal(512, 400, scale=0.05, rng=rng),
+            "heads": normal(400, T, scale=0.05, rng=rng)}
+  batch = (normal(64, 16, rng=rng), normal(64, T, rng=rng))
+  return params, {"w1": True, "w2": True, "heads": False}, batch
+
+
+def _cotangent_sized(hlo: str, n: int, widths) -> list[str]:
+  """Instructions whose f32 output holds T N F numbers (F in ``widths``)
+  in any other form than the stacked cotangent's own row-major ``(T, N,
+  F)`` (axes merged or not): its transposed copies."""
+  own = {dims for f in widths for dims in
+         [(T, n, f), (T, 1, n, f), (T * n, f), (T, n * f), (T * n * f,)]}
+  sizes = {T * n * f for f in widths}
+  bad = []
+  for m in re.finditer(r"= f32\[([0-9,]*)\]\{([0-9,]*)\} ", hlo):
+    dims = tuple(int(d) for d in m.group(1).split(",") if d)
+    layout = tuple(int(d) for d in m.group(2).split(",") if d)
+    # Row major: the non-unit axes, major to minor, in order.
+    order = [a for a in reversed(layout) if dims[a] != 1]
+    if math.prod(dims) in sizes and not (dims in own
+                                         and order == sorted(order)):
+      bad.append(m.group(0))
+  return bad
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU only")
+def test_cpu_gram_engine_keeps_the_cotangents_layout(monkeypatch):
+  # The structural guard of the CPU Gram engine: the tasks are pulled back
+  # in a loop (each D_t in its own (N, F) layout, no (T N, F) matmuls),
+  # (X X^T) D_t is a batched matmul on the stacked (T, N, F) layout, and F
+  # is walked in chunks of E (so E = (X X^T) D never exists whole and no
+  # T N F array is copied transposed); the update equals the stacked path.
+  monkeypatch.setattr(taps, "_E_CHUNK_BYTES", 64 * 1024)  # 128 columns
+  params, mask, batch = _wide_case()
+  agg = po.upgrad()
+  gram = po.value_and_aggregate(wide_losses, agg, engine="gram", shared=mask)
+  stacked = po.value_and_aggregate(wide_losses, agg, engine="stacked",
+                                   shared=mask)
+  state = agg.init(params)
+  got, want = jax.jit(gram)(params, state, *batch), jax.jit(stacked)(
+      params, state, *batch)
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(g, w, rtol=2e-5, atol=1e-6)
+  sizes = {T * 64 * 512, T * 64 * 400}
+  jaxpr = jax.make_jaxpr(gram)(params, state, *batch).jaxpr
+  for eqn in _eqns(jaxpr):
+    if eqn.primitive.name == "dot_general":
+      assert math.prod(eqn.outvars[0].aval.shape) not in sizes, eqn
+  hlo = jax.jit(gram).lower(params, state, *batch).compile().as_text()
+  assert " while(" in hlo
+  assert not _cotangent_sized(hlo, 64, (512, 400))
+  # Not vacuous: with the tasks vmapped and K shared, both checks fire.
+  monkeypatch.setattr(cpu, "loop_over_tasks", lambda _: False)
+  monkeypatch.setattr(cpu, "broadcast_over_tasks", lambda k, d: False)
+  hlo = jax.jit(po.value_and_aggregate(
+      wide_losses, agg, engine="gram", shared=mask)).lower(
+          params, state, *batch).compile().as_text()
+  assert _cotangent_sized(hlo, 64, (512, 400))
+
+
+@pytest.mark.parametrize("f", [100, 128, 400, 515])
+def test_x_gram_on_cpu_matches_numpy(f, monkeypatch):
+  # <D_s, K D_t> in F chunks (whole steps and a remainder) against float64.
+  monkeypatch.setattr(taps, "_E_CHUNK_BYTES", 16 * 1024)
+  rng = np.random.default_rng(f)
+  x = rng.standard_normal((2, 9, 5))
+  d = rng.standard_normal((3, 2, 9, f))
+  k = np.einsum("bnc,bmc->bnm", x, x)
+  want = np.einsum("sbnf,bnm,tbmf->st", d, k, d)
+  got = jax.jit(taps._x_gram_on_cpu)(jnp.asarray(k, jnp.float32),
+                                     jnp.asarray(d, jnp.float32))
+  np.testing.assert_allclose(got, want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())

@@ -11,7 +11,8 @@ Every figure quoted for them is from ``benchmarks/results/cpu_paths.md``.
 The per-task pullbacks of :func:`pcgrad_optax.task_value_and_grad` are a
 ``vmap`` on GPU/TPU and, unless they hold a convolution, a loop on CPU
 (:func:`loop_over_tasks`; figures in
-``benchmarks/results/step_profile.md``).
+``benchmarks/results/step_profile.md``), and the Gram engine's ``(X X^T) D_t``
+is a batched matmul there (:func:`broadcast_over_tasks`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,26 @@ def loop_over_tasks(pullback_jaxpr: Callable[[], Any]) -> bool:
   if jax.default_backend() != "cpu":
     return False
   return not _has_primitive(pullback_jaxpr(), _LOOP_AVERSE)
+
+
+def broadcast_over_tasks(k, d) -> bool:
+  """Whether ``K D_t`` (``K`` shared, ``D`` stacked) broadcasts ``K`` first.
+
+  XLA:CPU computes ``einsum("bnm,tbmf->tbnf", K, D)`` as one matmul over
+  ``(m, t f)``: it transposes ``D`` into that layout, and the transposing
+  copies cost more than the matmul. With ``K`` broadcast to ``(T, B, N,
+  N)`` (behind an optimisation barrier, so that the simplifier does not
+  fold the broadcast back) it is a batched matmul on ``D``'s own layout.
+  Taken on CPU when the broadcast is no bigger than ``D`` (``N <= F``) and
+  no explicit mesh axis shards either. Figures:
+  ``benchmarks/results/step_profile.md``.
+
+  Args:
+    k: ``(B, N, N)``.
+    d: ``(T, B, N, F)``.
+  """
+  return (jax.default_backend() == "cpu" and k.shape[-1] <= d.shape[-1]
+          and explicit_spec(k) is None and explicit_spec(d) is None)
 
 
 # Primitives XLA:CPU runs far slower inside a while loop's body.

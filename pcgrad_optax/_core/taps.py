@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from pcgrad_optax._core import cpu
+from pcgrad_optax._core.gram import dot_cross
 from pcgrad_optax._core.mesh import explicit_spec, on_mesh_of
 from pcgrad_optax._core.stacked import accumulation_dtype
 
@@ -250,7 +252,9 @@ def dense_gram(x, d, use: DenseUse) -> jax.Array:
 
   Computed as ``E_t = (X X^T) D_t`` then ``<D_s, E_t>`` (``B N^2 C +
   T B N^2 F + T^2 B N F`` flops, no ``T x T x N x N`` intermediate) when
-  :func:`uses_x_gram`; otherwise ``G_t`` is formed and contracted at once.
+  :func:`uses_x_gram` (on CPU with ``X X^T`` broadcast over the tasks when
+  :func:`pcgrad_optax._core.cpu.broadcast_over_tasks`); otherwise ``G_t``
+  is formed and contracted at once.
   Accumulates in f32 or wider at full precision.
   """
   acc = accumulation_dtype(jnp.result_type(x.dtype, d.dtype))
@@ -261,6 +265,8 @@ def dense_gram(x, d, use: DenseUse) -> jax.Array:
   t = dr.shape[0]
   if uses_x_gram((xr.shape[0],) + xr.shape[1:] + dr.shape[-1:], t):
     kx = jnp.einsum("bnc,bmc->bnm", xr, xr, out_sharding=out(xs[:2]), **hi)
+    if cpu.broadcast_over_tasks(kx, dr):
+      return _x_gram_on_cpu(kx, dr.astype(acc))
     e = jnp.einsum("bnm,tbmf->tbnf", kx, dr.astype(acc),
                    out_sharding=out((None,) + xs[:2] + ds[3:]), **hi)
     return jnp.einsum("sbnf,tbnf->st", dr.astype(acc), e,
@@ -268,6 +274,44 @@ def dense_gram(x, d, use: DenseUse) -> jax.Array:
   g = jnp.einsum("bnc,tbnf->tbcf", xr, dr,
                  out_sharding=out((None, xs[0], xs[2], ds[3])), **hi)
   return jnp.einsum("sbcf,tbcf->st", g, g, out_sharding=out(()), **hi)
+
+
+# _x_gram_on_cpu walks F in chunks of E = (X X^T) D of about this size.
+_E_CHUNK_BYTES = 1 << 20
+_MIN_E_CHUNK = 128
+
+
+def _x_gram_on_cpu(k, d) -> jax.Array:
+  """``sum_{b,n,f} D[s,b,n,f] (K[b] D[t,b])[n,f]``, as ``(T, T)``, on CPU.
+
+  ``K`` ``(B, N, N)`` is broadcast over the tasks, behind a barrier so that
+  the simplifier does not fold it back, which makes ``K D_t`` a batched
+  matmul on ``D``'s own ``(T, B, N, F)`` layout
+  (:func:`pcgrad_optax._core.cpu.broadcast_over_tasks`). ``F`` is walked in
+  chunks of about 1 MiB of ``E = K D``: ``E`` never exists whole (it is as
+  big as ``D``), and each chunk's contraction with its slice of ``D`` is
+  cache-sized, where XLA:CPU would copy a whole ``(T, P)`` operand
+  transposed. Figures: ``benchmarks/results/step_profile.md``.
+  """
+  t, b, n, f = d.shape
+  hi = dict(precision=lax.Precision.HIGHEST, preferred_element_type=d.dtype)
+  kt = lax.optimization_barrier(jnp.broadcast_to(k.astype(d.dtype),
+                                                 (t,) + k.shape))
+  chunk = min(f, max(_MIN_E_CHUNK,
+                     _E_CHUNK_BYTES // (t * b * n * d.dtype.itemsize)))
+  steps = f // chunk
+
+  def block(dc):
+    e = jnp.einsum("tbnm,tbmf->tbnf", kt, dc, **hi)
+    return dot_cross(dc, e)
+
+  def body(i, gram):
+    return gram + block(lax.dynamic_slice_in_dim(d, i * chunk, chunk, 3))
+
+  gram = lax.fori_loop(0, steps, body, jnp.zeros((t, t), d.dtype))
+  if steps * chunk < f:
+    gram = gram + block(d[..., steps * chunk:])
+  return gram
 
 
 def _specs(a, ndim: int) -> tuple:

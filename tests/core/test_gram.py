@@ -70,3 +70,17 @@ def test_large_leaf_gram_matches_numpy(t, shape):
   gram = jax.jit(po.gram_matrix)({"w": jnp.asarray(x)})
   np.testing.assert_allclose(gram, g @ g.T, rtol=1e-5,
                              atol=1e-5 * np.max(np.sum(g * g, axis=1)))
+
+
+@pytest.mark.parametrize("t,shape", [(2, (300, 170)),
+                                     (5, (16 * 1024 + 777,))])
+def test_large_leaf_cross_matches_numpy(t, shape):
+  # <x_s, y_t> of two large leaves: the CPU path (_tiled_gram of the pair).
+  from pcgrad_optax._core.gram import leaf_cross
+  rng = np.random.default_rng(t)
+  x, y = (rng.standard_normal((t,) + shape).astype(np.float32)
+          for _ in range(2))
+  want = x.reshape(t, -1).astype(np.float64) @ y.reshape(t, -1).T
+  got = jax.jit(leaf_cross)(jnp.asarray(x), jnp.asarray(y))
+  np.testing.assert_allclose(got, want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())
