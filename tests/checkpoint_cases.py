@@ -4,11 +4,11 @@
 factory of ``aggregation.__all__`` and ``scalarization.__all__`` chained with
 Adam (with ``num_tasks`` wherever the factory takes it, so the states keep
 their weights record too), FAMO with Adam on its logits, ``multi_steps``
-and ``apply_if_finite`` (both modes). The loss-level ``<method>_loss``
-factories (one backward pass) are a :class:`OnePass`: the
-``LossScalarization`` and Adam, whose state is the pair of theirs. (Recon's
-``track_conflicts`` is not here: its ``OrderedDict`` of scores has no
-``flax.serialization`` handler.) ``step_fn(tx)`` is the jitted training
+and ``apply_if_finite`` (both modes), and Recon's ``track_conflicts``
+before PCGrad (its scores an ``OrderedDict``). The loss-level
+``<method>_loss`` factories (one backward pass) are a :class:`OnePass`: the
+``LossScalarization`` and Adam, whose state is the pair of theirs.
+``step_fn(tx)`` is the jitted training
 step on a small shared-trunk model whose batch is a function of the step
 number only, and ``train(tx, params, state, start, stop)`` runs it, so a
 run resumed from a restored state in another process sees the same data.
@@ -76,6 +76,8 @@ CASES.update({
     "apply_if_finite_drop": lambda: po.apply_if_finite(
         _adam(po.famo(num_tasks=T)), 3, drop_nonfinite_tasks=True,
         num_tasks=T),
+    "recon_track_conflicts": lambda: optax.chain(
+        po.recon.track_conflicts(-0.1), _adam(po.pcgrad(5))),
 })
 
 

@@ -27,6 +27,41 @@ from pcgrad_optax.recon._layers import (Grouping, check_grouping, layer_names,
                                         leaf_layers, paths_and_leaves)
 
 
+def _register_ordered_dict_with_flax() -> None:
+  """Lets ``flax.serialization`` save and restore :class:`ConflictState`.
+
+  Flax handles ``dict`` but not ``collections.OrderedDict`` (the scores'
+  type, whose order JAX keeps); this registers the same handling for it,
+  order kept, unless Flax already has one. Only when Flax is installed.
+  """
+  try:
+    from flax import serialization  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+
+  def to_state(xs):
+    return {str(k): serialization.to_state_dict(v) for k, v in xs.items()}
+
+  def from_state(target, state):
+    missing = set(map(str, target)) ^ set(state)
+    if missing:
+      raise ValueError(
+          "The restored layer scores name other layers than the target's: "
+          f"{sorted(missing)}.")
+    return collections.OrderedDict(
+        (k, serialization.from_state_dict(v, state[str(k)]))
+        for k, v in target.items())
+
+  try:
+    serialization.register_serialization_state(collections.OrderedDict,
+                                                to_state, from_state)
+  except ValueError:   # already registered (by Flax itself, or a user)
+    pass
+
+
+_register_ordered_dict_with_flax()
+
+
 def _layer_grams(stacked: PyTree, layers: Grouping, shared: SharedMask,
                  params: PyTree | None = None
                  ) -> tuple[int, collections.OrderedDict]:
@@ -146,6 +181,10 @@ class ConflictState(NamedTuple):
       threshold), in network order. The fraction of conflicting pairs is
       ``score / (count * T * (T - 1) / 2)``.
     count: number of steps seen (int32).
+
+  A pytree (``jax.tree`` keeps the layers' order) that ``flax.serialization``
+  saves and restores: importing the package registers ``OrderedDict`` with
+  it, as ``dict`` is, when Flax has no handler of its own.
   """
   scores: collections.OrderedDict
   count: jax.Array

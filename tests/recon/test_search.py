@@ -310,3 +310,25 @@ def test_select_layers_bad_scores():
   with pytest.raises(ValueError, match="traced"):
     jax.jit(lambda v: jnp.asarray(len(recon.select_layers({"a": v}, 1))))(
         jnp.ones(()))
+
+
+def test_track_conflicts_state_through_flax_serialization():
+  # The OrderedDict of scores saves and restores with flax.serialization,
+  # in a chain with Adam, the layers' order and values kept.
+  from flax import serialization
+  params = params_like()
+  tx = optax.chain(recon.track_conflicts(0.0), pcgrad_optax.pcgrad(),
+                   optax.adam(1e-3))
+  state = tx.init(params)
+  for seed in range(2):
+    _, state = tx.update(random_stacked(3, seed=seed), state, params)
+  restored = serialization.from_bytes(tx.init(params),
+                                      serialization.to_bytes(state))
+  assert list(restored[0].scores) == list(state[0].scores)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(a, b)
+  other = recon.track_conflicts().init({"x": {"kernel": jnp.zeros(2)}})
+  with pytest.raises(ValueError, match="other layers"):
+    serialization.from_state_dict(other, serialization.to_state_dict(
+        state[0]))
