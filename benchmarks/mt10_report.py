@@ -55,7 +55,15 @@ def _seeds(recs):
   return len(recs[0]["train_success"])
 
 
-def tables(runs, names):
+def _pooled_success(recs):
+  """Per seed: the mean over tasks of hits / episodes pooled over recs."""
+  hits = sum(np.asarray(x["train_success"]) * np.asarray(x["train_episodes"])
+             for x in recs)
+  eps = sum(np.asarray(x["train_episodes"]) for x in recs)
+  return np.mean(hits / np.maximum(eps, 1), axis=1)
+
+
+def tables(runs, names, window=2500):
   out = []
   eval_steps = sorted({r["env_steps_per_task"] for recs in runs.values()
                        for r in _evals(recs)})
@@ -71,19 +79,22 @@ def tables(runs, names):
       row.append(fmt(r[0]["mean_success_per_seed"]) if r else "not reached")
     out.append("| " + " | ".join(row) + " |")
   out.append("")
-  steps = sorted({r["env_steps_per_task"] for recs in runs.values()
-                  for r in recs})
+  last = max(r["env_steps_per_task"] for recs in runs.values() for r in recs)
+  rows = list(range(window, last + 1, window))
+  if not rows or rows[-1] != last:
+    rows.append(last)
   out.append("**Training episodes: mean success over the 10 tasks** "
              "(stochastic policy, success at any step, the episodes that "
-             "ended in the 500 steps up to the row; mean ± std over seeds)\n")
+             f"ended in the {window:,} steps up to the row, pooled; mean ± "
+             "std over seeds)\n")
   out.append("| env steps per task | " + " | ".join(
       LABEL[k] for k in runs) + " |")
   out.append("|---" * (len(runs) + 1) + "|")
-  for s in steps:
+  for s in rows:
     row = [f"{s:,}"]
     for recs in runs.values():
-      r = [x for x in recs if x["env_steps_per_task"] == s]
-      row.append(fmt(np.mean(r[0]["train_success"], 1)) if r else "—")
+      r = [x for x in recs if s - window < x["env_steps_per_task"] <= s]
+      row.append(fmt(_pooled_success(r)) if r else "—")
     out.append("| " + " | ".join(row) + " |")
   out.append("")
   common = max((s for s in eval_steps
@@ -183,10 +194,12 @@ def main():
   p = argparse.ArgumentParser()
   p.add_argument("--logs", default="benchmarks/results/mt10_logs")
   p.add_argument("--md", default="benchmarks/results/mt10.md")
+  p.add_argument("--train-window", type=int, default=2500,
+                 help="env steps per task pooled in a training-success row")
   args = p.parse_args()
   runs = load(args.logs)
   names = tasks(args.logs)
-  text = tables(runs, names)
+  text = tables(runs, names, args.train_window)
   plot(runs, names, os.path.join(os.path.dirname(args.md), "mt10.png"))
   md = open(args.md).read() if os.path.exists(args.md) else (
       "<!-- tables -->\n<!-- /tables -->\n")
