@@ -11,7 +11,7 @@ import optax
 # A module import: apply_if_finite has an argument named num_tasks.
 from pcgrad_optax._core import stacked
 from pcgrad_optax._core.checks import check_num_tasks, static_int
-from pcgrad_optax._core.transform import Aggregator
+from pcgrad_optax._core.transform import Aggregator, GramProbe, GramResult
 
 # The extra arguments of ``update`` that hold one loss per task: checked for
 # finiteness with the gradients and, when tasks are dropped, repaired.
@@ -125,6 +125,13 @@ def apply_if_finite(inner: optax.GradientTransformation,
   sides, ``jnp.where(n > 0, s / jnp.maximum(n, 1), jnp.nan)``: only that
   task's loss is NaN, its gradient zero, the others' gradients untouched.
 
+  With :func:`pcgrad_optax.value_and_aggregate` (a Gram-based ``inner``,
+  either engine): the step is computed, then kept or not; it is not finite
+  when the losses or the update are not (the Gram engine holds no stacked
+  gradients), and on an ``nnx.Module`` a skipped step leaves the module's
+  other state (BatchNorm statistics) as it was. Dropping tasks needs the
+  stacked gradients: that mode takes the stacked engine.
+
   .. warning::
     Like the aggregators, ``apply_if_finite`` consumes stacked gradients:
     it goes first in an ``optax.chain`` (wrap the whole chain to protect the
@@ -228,7 +235,35 @@ def apply_if_finite(inner: optax.GradientTransformation,
                              tasks.last_losses.astype(value.dtype))
     return jnp.all(task_ok), usable, task_ok, inputs, args
 
+  def probe_update(probe, state, params):
+    """value_and_aggregate's engines, the method inside reached."""
+    if drop_nonfinite_tasks:
+      raise stacked.NotGramBased(
+          "apply_if_finite(drop_nonfinite_tasks=True) zeroes the offending "
+          "tasks' stacked gradients, which the Gram engine never holds.")
+    result, inner_state = inner.update(probe, state.inner_state, params)
+    if not isinstance(result, GramResult):    # asked for the method only
+      return result, state._replace(inner_state=inner_state)
+    # The step is already computed: keep it or not (no lax.cond to skip).
+    isfinite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in
+                                  result.update + [result.losses]]))
+    notfinite_count = jnp.where(
+        isfinite, jnp.zeros([], jnp.int32),
+        optax.safe_increment(state.notfinite_count))
+    apply = isfinite | (notfinite_count > max_consecutive_errors)
+    keep = lambda new, old: jnp.where(apply, new, old)
+    update = [keep(u, jnp.zeros_like(u)) for u in result.update]
+    return result._replace(update=update), ApplyIfFiniteState(
+        notfinite_count=notfinite_count, last_finite=isfinite,
+        total_notfinite=jnp.where(
+            isfinite, state.total_notfinite,
+            optax.safe_increment(state.total_notfinite)),
+        inner_state=jax.tree.map(keep, inner_state, state.inner_state),
+        tasks=state.tasks)
+
   def update_fn(updates, state, params=None, **extra_args):
+    if isinstance(updates, GramProbe):
+      return probe_update(updates, state, params)
     t = stacked.num_tasks(updates, None)
     leaves, treedef = jax.tree.flatten(updates)
     losses = loss_args(extra_args, t)

@@ -17,8 +17,9 @@ from pcgrad_optax._core.aggregate import combine_leaves
 from pcgrad_optax._core.mesh import vary_like
 from pcgrad_optax._core.stacked import (NotGramBased, check_reduction,
                                         leaves_accumulation_dtype)
-from pcgrad_optax._core.transform import (GramProbe, GramStep, check_weights,
-                                          gram_step_of)
+from pcgrad_optax._apply_if_finite import ApplyIfFiniteState
+from pcgrad_optax._core.transform import (GramProbe, GramResult, GramStep,
+                                          check_weights, gram_step_of)
 from pcgrad_optax._core.weighted_sum import leaf_weighted_sum
 from pcgrad_optax._task_value_and_grad import (check_task_losses,
                                                losses_and_vjp,
@@ -108,12 +109,15 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
   (see :class:`pcgrad_optax._core.transform.GramProbe`), so
   ``optax.inject_hyperparams(pcgrad_optax.upgrad)(...)`` works on both
   engines, with the step's injected (or scheduled) hyperparameters and its
-  ``InjectHyperparamsState`` (only this wrapper is probed, by its state
-  type; a transformation of the package that is not Gram-based answers the
-  probe with ``NotGramBased``, and any other error propagates). Other
-  wrappers (an ``optax.chain`` with the optimizer inside) hide the method:
-  ``"auto"`` then takes the stacked engine and ``"gram"`` raises; chain the
-  optimizer after this step instead.
+  ``InjectHyperparamsState``, and so does
+  ``pcgrad_optax.apply_if_finite(pcgrad_optax.pcgrad(), k)``: a step whose
+  losses or update are not finite is skipped (zero update, the method's
+  state kept) as on the stacked gradients. Only these two wrappers are
+  probed, by their state types; a transformation of the package that is
+  not Gram-based answers the probe with ``NotGramBased``, and any other
+  error propagates. Other wrappers (an ``optax.chain`` with the optimizer
+  inside) hide the method: ``"auto"`` then takes the stacked engine and
+  ``"gram"`` raises; chain the optimizer after this step instead.
 
   Flax NNX: ``params`` may be an ``nnx.Module``, as with
   ``nnx.value_and_grad``: ``update`` is then an ``nnx.State`` of its
@@ -121,7 +125,10 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
   filter)``), ready for ``nnx.Optimizer.update(model, update)``, ``state =
   aggregator.init(nnx.state(model, nnx.Param))``, and every other state
   change of the single forward pass (BatchNorm statistics, Dropout's RNG
-  counts) is written back to the module once. Call it under ``nnx.jit``.
+  counts) is written back to the module once, except on a step that an
+  ``apply_if_finite`` aggregator skips: the module keeps that state as it
+  was (a NaN batch never enters the running statistics). Call it under
+  ``nnx.jit``.
   An ``nnx.State`` from ``nnx.split`` with ``nnx.merge`` in the loss works
   too.
 
@@ -276,11 +283,11 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
         out, flat_update, new_state = _stacked_gram(
             partial_fn, leaves, mask, gram_step, reduction, inner_state,
             has_aux)
-      return (out, flat_update), new_state
+      losses = out[0] if has_aux else out
+      return GramResult(out, flat_update, losses), new_state
 
-    (out, flat_update), state = aggregator.update(GramProbe(run), state,
-                                                  primals)
-    return out, jax.tree.unflatten(treedef, flat_update), state
+    result, state = aggregator.update(GramProbe(run), state, primals)
+    return result.out, jax.tree.unflatten(treedef, result.update), state
 
   return step
 
@@ -363,8 +370,15 @@ def _nnx_step(nnx, loss_fn, aggregator, engine, shared, argnums, has_aux,
 
   inner = value_and_aggregate(pure, aggregator, engine=engine,
                               shared=shared, argnums=0, has_aux=True)
-  (losses, (aux, new_rest)), update, state = inner(
+  (losses, (aux, new_rest)), update, new_state = inner(
       diff, state, *[args[i] for i in others])
+  if isinstance(state, ApplyIfFiniteState):
+    # A step apply_if_finite skipped leaves the rest of the module as it
+    # was too (a NaN batch would enter BatchNorm's running statistics).
+    skipped = new_state.total_notfinite != state.total_notfinite
+    new_rest = jax.tree.map(lambda new, old: jnp.where(skipped, old, new),
+                            new_rest, rest)
+  state = new_state
   nnx.update(node, new_rest)
   return ((losses, aux) if has_aux else losses), update, state
 
@@ -373,7 +387,7 @@ def _nnx_step(nnx, loss_fn, aggregator, engine, shared, argnums, has_aux,
 # every update and pass updates and state through untouched: only these are
 # probed for a Gram-based method inside.
 _PROBED_STATES = (optax.InjectHyperparamsState,
-                  optax.InjectStatefulHyperparamsState)
+                  optax.InjectStatefulHyperparamsState, ApplyIfFiniteState)
 
 
 def _query_hook(aggregator, state, params) -> GramStep | None:

@@ -854,3 +854,78 @@ def test_x_gram_on_cpu_matches_numpy(f, monkeypatch):
                                      jnp.asarray(d, jnp.float32))
   np.testing.assert_allclose(got, want, rtol=1e-5,
                              atol=1e-5 * np.abs(want).max())
+
+
+# --- apply_if_finite around the method -----------------------------------------
+
+@pytest.mark.parametrize("engine", ["stacked", "gram"])
+def test_apply_if_finite_reaches_the_method_on_both_engines(engine):
+  # value_and_aggregate(loss, apply_if_finite(pcgrad())): a step with NaN
+  # losses is skipped (zero update, PCGrad's key and count kept) and the
+  # second NaN step in a row is applied anyway (max_consecutive_errors=1),
+  # exactly as the two-call path with apply_if_finite does.
+  ref = po.apply_if_finite(po.pcgrad(key=3, shared=MLP_MASK), 1)
+  agg = po.apply_if_finite(po.pcgrad(key=3), 1)
+  step = jax.jit(po.value_and_aggregate(mlp_losses, agg, engine=engine,
+                                        shared=MLP_MASK))
+
+  @jax.jit
+  def ref_step(params, state, x, y):
+    losses, grads = po.task_value_and_grad(mlp_losses)(params, x, y)
+    update, state = ref.update(grads, state, params, losses=losses)
+    return losses, update, state
+
+  x, y = MLP_BATCH
+  bad = x.at[0, 0].set(jnp.nan)
+  state, ref_state = agg.init(MLP_PARAMS), ref.init(MLP_PARAMS)
+  for i, xb in enumerate([x, bad, x, bad, bad, x]):
+    got = step(MLP_PARAMS, state, xb, y)
+    want = ref_step(MLP_PARAMS, ref_state, xb, y)
+    assert_same_run([(got[0], got[1], [])], [(want[0], want[1], [])])
+    for a, b in zip(state_leaves(got[2]), state_leaves(want[2])):
+      np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    state, ref_state = got[2], want[2]
+    if i == 1:   # skipped: zero update
+      assert all(not np.any(u) for u in jax.tree.leaves(got[1]))
+  assert int(state.total_notfinite) == 3
+
+
+def test_apply_if_finite_keeps_the_module_state_on_a_skipped_step():
+  # On an NNX module, a step apply_if_finite skips leaves BatchNorm's
+  # running statistics and the RNG counts as they were: a NaN batch does
+  # not enter them.
+  model = BNDropModel(nnx.Rngs(0, dropout=1))
+  agg = po.apply_if_finite(po.pcgrad(key=2), 3)
+  step = po.value_and_aggregate(_nnx_task_losses, agg, shared=NNX_MASK)
+
+  @nnx.jit
+  def train(model, state, x, y):
+    _, update, state = step(model, state, x, y)
+    return update, state
+
+  x, y = MLP_BATCH
+  rest = lambda: [np.array(v) for v in jax.tree.leaves(
+      state_leaves(nnx.state(model, nnx.Not(nnx.Param))))]
+  _, state = train(model, agg.init(nnx.state(model, nnx.Param)), x, y)
+  before = rest()
+  update, state = train(model, state, x.at[0, 0].set(jnp.nan), y)
+  assert int(state.total_notfinite) == 1
+  assert all(not np.any(u) for u in jax.tree.leaves(update))
+  for a, b in zip(rest(), before):
+    np.testing.assert_array_equal(a, b)
+  _, state = train(model, state, x, y)
+  assert all(np.all(np.isfinite(a)) for a in rest())
+  assert any(np.any(a != b) for a, b in zip(rest(), before))
+
+
+def test_apply_if_finite_dropping_tasks_takes_the_stacked_engine():
+  # Dropping tasks needs their stacked gradients: "auto" stacks (the
+  # method's own shared= then), "gram" refuses.
+  agg = po.apply_if_finite(po.pcgrad(key=3, shared=MLP_MASK), 1,
+                           drop_nonfinite_tasks=True, num_tasks=T)
+  step = jax.jit(po.value_and_aggregate(mlp_losses, agg))
+  _, update, state = step(MLP_PARAMS, agg.init(MLP_PARAMS), *MLP_BATCH)
+  assert int(state.total_notfinite) == 0
+  with pytest.raises(ValueError, match="Gram-based"):
+    po.value_and_aggregate(mlp_losses, agg, engine="gram")(
+        MLP_PARAMS, agg.init(MLP_PARAMS), *MLP_BATCH)

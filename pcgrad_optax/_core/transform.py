@@ -224,6 +224,24 @@ class GramStep(NamedTuple):
   method: str
 
 
+class GramResult(NamedTuple):
+  """What :func:`pcgrad_optax.value_and_aggregate`'s engines compute for a
+  :class:`GramProbe`: the first element of the pair ``run`` returns.
+
+  A wrapper that forwards the probe to its inner transformation (such as
+  :func:`pcgrad_optax.apply_if_finite`) gets it back and may replace the
+  update.
+
+  Attributes:
+    out: what the step returns first (the losses, or ``(losses, aux)``).
+    update: the flat list of params-shaped update leaves.
+    losses: the ``(T,)`` task losses.
+  """
+  out: Any
+  update: list
+  losses: jax.Array
+
+
 def check_weights(weights, t: int, method: str) -> jax.Array:
   """The ``(T,)`` weights a weighting returned, or a ValueError."""
   weights = jnp.asarray(weights)
