@@ -28,11 +28,8 @@ from pcgrad_optax._task_value_and_grad import (check_task_losses,
 ENGINES = ("auto", "stacked", "gram")
 
 # engine="auto" takes the Gram engine when at least this fraction of the
-# shared parameters (by element count) sit in dense (dot_general) leaves ...
+# shared parameters (by element count) sit in dense (dot_general) leaves.
 AUTO_DENSE_FRACTION = 0.5
-# ... and, on CPU, from this many tasks: below it the stacked loop is the
-# faster one there (benchmarks/results/step.md).
-AUTO_MIN_TASKS_ON_CPU = 3
 
 
 def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
@@ -88,9 +85,8 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
     the Gram matrix: ``pcgrad``, ``mgda``, ``upgrad``, ``cagrad``,
     ``cr_mogm``, ``constant``, ...); ``ValueError`` otherwise.
   * ``"auto"``: ``"gram"`` when the aggregator is Gram-based and at least
-    half of the shared parameters (by element count) are dense leaves
-    (and, on CPU, there are at least 3 tasks: with 2 the stacked loop is
-    faster there), else ``"stacked"``.
+    half of the shared parameters (by element count) are dense leaves,
+    else ``"stacked"``.
 
   Both engines give the same update (up to float rounding: the Gram
   matrix is summed in another order) and the same state: the method's own
@@ -272,9 +268,7 @@ def value_and_aggregate(loss_fn: Callable[..., Any], aggregator, *,
         dense_size = sum(x.size for x, m, u in zip(leaves, mask, dense)
                          if m and u is not None)
         use_gram = shared_size > 0 and (
-            dense_size >= AUTO_DENSE_FRACTION * shared_size) and (
-                jax.default_backend() != "cpu"
-                or _num_tasks(traced[0]) >= AUTO_MIN_TASKS_ON_CPU)
+            dense_size >= AUTO_DENSE_FRACTION * shared_size)
       if use_gram:
         out, flat_update, new_state = _gram_engine(
             traced, dense, leaves, mask, gram_step, reduction, inner_state,
@@ -421,13 +415,6 @@ def _trace(partial_fn, leaves):
 
   closed = jax.make_jaxpr(flat_fn)(*leaves)
   return closed, box[0]
-
-
-def _num_tasks(closed) -> int:
-  """T from the traced loss's first output (0 if it is not a vector; the
-  losses are checked later)."""
-  shape = closed.out_avals[0].shape if closed.out_avals else ()
-  return shape[0] if len(shape) == 1 else 0
 
 
 def _split_out(out, has_aux):

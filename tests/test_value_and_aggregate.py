@@ -347,22 +347,6 @@ def test_auto_rule():
   assert (T,) + kernel.shape in _avals(jaxpr.jaxpr)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU only")
-def test_auto_rule_takes_the_stacked_loop_for_two_tasks_on_cpu():
-  # Two tasks of the same dense MLP: on CPU the stacked loop is faster.
-  params = dict(MLP_PARAMS, heads=MLP_PARAMS["heads"][:, :2])
-  batch = (MLP_BATCH[0], MLP_BATCH[1][:, :2])
-  step = po.value_and_aggregate(mlp_losses, po.mgda(), shared=MLP_MASK)
-  shapes = _avals(jax.make_jaxpr(step)(params, optax.EmptyState(),
-                                       *batch).jaxpr)
-  assert (2,) + params["w1"].shape in shapes
-  gram = po.value_and_aggregate(mlp_losses, po.mgda(), shared=MLP_MASK,
-                                engine="gram")
-  shapes = _avals(jax.make_jaxpr(gram)(params, optax.EmptyState(),
-                                       *batch).jaxpr)
-  assert (2,) + params["w1"].shape not in shapes
-
-
 # --- structure: no per-task weight gradient ----------------------------------
 
 def _avals(jaxpr, acc=None):
