@@ -14,6 +14,10 @@ def test_readme_example_runs():
   updates = namespace["updates"]
   assert updates["trunk"].shape == (8, 16)
   assert updates["heads"].shape == (2, 16)
+  # The one-call form after it, on the params the first one produced.
+  exec(compile(blocks[1], "README.md", "exec"), namespace)  # noqa: S102
+  assert namespace["update"]["trunk"].shape == (8, 16)
+  assert int(namespace["agg_state"].count) == 1
 
 
 def test_readme_nnx_example_runs():
