@@ -11,11 +11,17 @@ import optax
 # A module import: apply_if_finite has an argument named num_tasks.
 from pcgrad_optax._core import stacked
 from pcgrad_optax._core.checks import check_num_tasks, static_int
-from pcgrad_optax._core.transform import Aggregator, GramProbe, GramResult
+from pcgrad_optax._core.transform import (Aggregator, GramProbe, GramResult,
+                                          gram_step_of)
 
 # The extra arguments of ``update`` that hold one loss per task: checked for
 # finiteness with the gradients and, when tasks are dropped, repaired.
 LOSS_ARGS = ("losses", "prev_batch_losses")
+
+# The wrappers whose inner transformation exists only inside update: a probe
+# is passed on to them (value_and_aggregate probes them too).
+_INJECTED = (optax.InjectHyperparamsState,
+             optax.InjectStatefulHyperparamsState)
 
 
 class DroppedTasksState(NamedTuple):
@@ -183,6 +189,9 @@ def apply_if_finite(inner: optax.GradientTransformation,
       raise ValueError("apply_if_finite(drop_nonfinite_tasks=True) needs "
                        "num_tasks (the per-task record is allocated at init).")
     check_num_tasks(num_tasks)
+  # Whether a value_and_aggregate probe can reach a Gram-based method inside
+  # (a chain around one hides it, as it does from value_and_aggregate).
+  method_inside = gram_step_of(inner) is not None
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -241,6 +250,10 @@ def apply_if_finite(inner: optax.GradientTransformation,
       raise stacked.NotGramBased(
           "apply_if_finite(drop_nonfinite_tasks=True) zeroes the offending "
           "tasks' stacked gradients, which the Gram engine never holds.")
+    if not (method_inside or isinstance(state.inner_state, _INJECTED)):
+      raise stacked.NotGramBased(
+          "apply_if_finite: the transformation inside is not a Gram-based "
+          "method of the package (an optax.chain hides one).")
     result, inner_state = inner.update(probe, state.inner_state, params)
     if not isinstance(result, GramResult):    # asked for the method only
       return result, state._replace(inner_state=inner_state)

@@ -506,6 +506,18 @@ def test_wrappers_that_hide_the_method():
       MLP_PARAMS, state, *MLP_BATCH)
   for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # apply_if_finite around such a chain: the stacked path too.
+  guarded = po.apply_if_finite(optax.chain(po.pcgrad(shared=MLP_MASK),
+                                           optax.scale(-0.1)), 2)
+  state = guarded.init(MLP_PARAMS)
+  ref, _ = guarded.update(g, state, MLP_PARAMS, losses=losses)
+  _, update, state = jax.jit(po.value_and_aggregate(mlp_losses, guarded))(
+      MLP_PARAMS, state, *MLP_BATCH)
+  for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  with pytest.raises(ValueError, match="Gram-based"):
+    po.value_and_aggregate(mlp_losses, guarded, engine="gram")(
+        MLP_PARAMS, state, *MLP_BATCH)
 
 
 class BNDropModel(nnx.Module):
