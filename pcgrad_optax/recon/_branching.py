@@ -185,13 +185,24 @@ def task_params(branched_params: PyTree, layers: Sequence[str],
   """
   paths, leaves, flags = branched_flags(branched_params, layers, grouping,
                                         "branched params")
-  num = task_axis(paths, leaves, flags)
+  return take_task(branched_params, paths, leaves, flags, t,
+                   "branched params")
+
+
+def take_task(tree: PyTree, paths, leaves, flags, t, what: str) -> PyTree:
+  """``tree`` with every flagged leaf replaced by its task-``t`` slice.
+
+  The flagged leaves must share one leading task axis (:func:`task_axis`);
+  a concrete ``t`` outside it is a ValueError, a traced one is clamped by
+  ``lax.dynamic_index_in_dim``.
+  """
+  num = task_axis(paths, leaves, flags, what=what)
   if num is not None and isinstance(t, (int, np.integer)) and \
       not 0 <= t < num:
     raise ValueError(f"Task index t={t} is out of range for T={num} tasks.")
   out = [lax.dynamic_index_in_dim(jnp.asarray(x), t, 0, keepdims=False)
          if f else x for x, f in zip(leaves, flags)]
-  return jax.tree.unflatten(jax.tree.structure(branched_params), out)
+  return jax.tree.unflatten(jax.tree.structure(tree), out)
 
 
 def shared_mask(branched_params: PyTree, layers: Sequence[str], *,

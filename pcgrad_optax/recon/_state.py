@@ -17,11 +17,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from pcgrad_optax._core.stacked import PyTree
 from pcgrad_optax.recon._branching import (check_layer_list, check_num_tasks,
-                                           task_axis)
+                                           take_task)
 from pcgrad_optax.recon._layers import (Grouping, leaf_layers, param_name,
                                         paths_and_leaves)
 
@@ -109,13 +108,7 @@ def task_state(branched_state: PyTree, layers: Sequence[str],
     Array([3., 4.], dtype=float32)
   """
   paths, leaves, flags = _state_flags(branched_state, layers, grouping)
-  num = task_axis(paths, leaves, flags, what="branched state")
-  if num is not None and isinstance(t, (int, np.integer)) and \
-      not 0 <= t < num:
-    raise ValueError(f"Task index t={t} is out of range for T={num} tasks.")
-  out = [lax.dynamic_index_in_dim(jnp.asarray(x), t, 0, keepdims=False)
-         if f else x for x, f in zip(leaves, flags)]
-  return jax.tree.unflatten(jax.tree.structure(branched_state), out)
+  return take_task(branched_state, paths, leaves, flags, t, "branched state")
 
 
 def merge_task_states(states: PyTree, layers: Sequence[str], *,
