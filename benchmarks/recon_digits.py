@@ -228,6 +228,24 @@ def pair_cosine(gram):
   return jnp.where(denom > 0, gram[0, 1] / jnp.where(denom > 0, denom, 1), 0)
 
 
+def conflict_cosines(grads, monitor, all_layers, rest_weights):
+  """A step's task cosines: whole shared vector, the rest, each layer.
+
+  From the per-layer Gram matrices of the stacked gradients: the cosine of
+  the whole shared gradient, of the layers ``rest_weights`` selects (the
+  ones left shared), and of each of ``all_layers`` (NaN where a layer is
+  not monitored).
+  """
+  grams = recon.layer_grams(grads, shared=monitor)
+  stacked = jnp.stack([grams.get(n, jnp.zeros((NUM_TASKS, NUM_TASKS)))
+                       for n in all_layers])
+  whole = pair_cosine(stacked.sum(0))
+  rest = pair_cosine(jnp.tensordot(rest_weights, stacked, 1))
+  per_layer = jnp.stack([pair_cosine(grams[n]) if n in grams else jnp.nan
+                         for n in all_layers])
+  return whole, rest, per_layer
+
+
 def make_train(model: Model, method: str, chosen: list[str],
                all_layers: list[str], example_params, *, steps: int,
                batch_size: int, lr: float, threshold: float):
@@ -267,13 +285,8 @@ def make_train(model: Model, method: str, chosen: list[str],
         _, extra["second_grads"] = grad_fn(params, x_train[second_idx],
                                            y_train[second_idx])
       losses, grads = grad_fn(params, x_train[batch_idx], y_train[batch_idx])
-      grams = recon.layer_grams(grads, shared=monitor)
-      stacked = jnp.stack([grams.get(n, jnp.zeros((NUM_TASKS, NUM_TASKS)))
-                           for n in all_layers])
-      whole = pair_cosine(stacked.sum(0))
-      rest = pair_cosine(jnp.tensordot(rest_weights, stacked, 1))
-      per_layer = jnp.stack([pair_cosine(grams[n]) if n in grams else jnp.nan
-                             for n in all_layers])
+      whole, rest, per_layer = conflict_cosines(grads, monitor, all_layers,
+                                                rest_weights)
       updates, state = tx.update(grads, state, params, losses=losses,
                                  **extra)
       params = optax.apply_updates(params, updates)

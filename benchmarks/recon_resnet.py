@@ -63,7 +63,7 @@ sys.path.insert(0, HERE)
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import recon_digits as rd  # noqa: E402
 from recon_digits import (NUM_CLASSES, NUM_TASKS, count_params,  # noqa: E402
-                          heads_mask, make_aggregator, mean_std, pair_cosine)
+                          heads_mask, make_aggregator, mean_std)
 
 # The paper: ResNet18 on Multi-Fashion+MNIST, top 25 of its 41 layers.
 PAPER_SHARE = 25 / 41
@@ -233,13 +233,8 @@ def make_train(model: Model, method: str, chosen: list[str],
     (losses, new_states), grads = grad_fn(
         params, state, x_train[batch_idx], y_train[batch_idx])
     state = recon.merge_task_states(new_states, state_layers)
-    grams = recon.layer_grams(grads, shared=monitor)
-    stacked = jnp.stack([grams.get(n, jnp.zeros((NUM_TASKS, NUM_TASKS)))
-                         for n in all_layers])
-    whole = pair_cosine(stacked.sum(0))
-    rest = pair_cosine(jnp.tensordot(rest_weights, stacked, 1))
-    per_layer = jnp.stack([pair_cosine(grams[n]) if n in grams else jnp.nan
-                           for n in all_layers])
+    whole, rest, per_layer = rd.conflict_cosines(grads, monitor, all_layers,
+                                                 rest_weights)
     updates, opt_state = tx.update(grads, opt_state, params, losses=losses)
     params = optax.apply_updates(params, updates)
     return params, state, opt_state, (losses, whole, rest, per_layer)
