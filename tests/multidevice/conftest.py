@@ -11,3 +11,8 @@ import os
 
 if os.environ.get("PCGRAD_OPTAX_MULTIDEVICE") != "1":
   collect_ignore_glob = ["*"]
+elif os.environ.get("JAX_NUM_CPU_DEVICES") != "8":
+  # Checked here, before any module of the folder imports JAX.
+  raise RuntimeError(
+      "tests/multidevice must run with JAX_NUM_CPU_DEVICES=8 set before JAX "
+      "starts; run tests/test_sharding.py instead.")

@@ -16,31 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-if os.environ.get("JAX_NUM_CPU_DEVICES") != "8":
-  raise RuntimeError(
-      "tests/multidevice must run with JAX_NUM_CPU_DEVICES=8 set before JAX "
-      "starts; run tests/test_sharding.py instead.")
+import pcgrad_optax as po
+from mesh_mlp_case import MASK, T, mlp_params
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from jax.sharding import AxisType  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import pcgrad_optax as po  # noqa: E402
-
-T = 3
-RNG = np.random.default_rng(0)
-PARAMS = {"w1": RNG.standard_normal((8, 16)).astype(np.float32) * 0.4,
-          "b1": RNG.standard_normal(16).astype(np.float32) * 0.1,
-          "w2": RNG.standard_normal((16, 16)).astype(np.float32) * 0.3,
-          "heads": RNG.standard_normal((16, T)).astype(np.float32)}
-MASK = {"w1": True, "b1": True, "w2": True, "heads": False}
+PARAMS = mlp_params(np.random.default_rng(0))
 # Rows of the batch: N^2 <= T C F for every dense leaf with 8 rows (the
 # X-Gram route), N^2 > T C F with 64 (the per-task weight gradients).
 BATCHES = {"x-gram": 8, "weight-grads": 64}

@@ -24,30 +24,24 @@ import contextlib
 import functools
 import inspect
 import math
-import os
 import re
 
-if os.environ.get("JAX_NUM_CPU_DEVICES") != "8":
-  raise RuntimeError(
-      "tests/multidevice must run with JAX_NUM_CPU_DEVICES=8 set before JAX "
-      "starts; run tests/test_sharding.py instead.")
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax import lax
+from jax.sharding import AxisType
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-import pytest  # noqa: E402
-from jax import lax  # noqa: E402
-from jax.sharding import AxisType  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import factory_args  # noqa: E402
-import pcgrad_optax  # noqa: E402
-from pcgrad_optax import memory  # noqa: E402
-from pcgrad_optax import recon  # noqa: E402
-from pcgrad_optax import sharding as pgs  # noqa: E402
-from pcgrad_optax._core.aggregate import aggregate  # noqa: E402
+import factory_args
+import pcgrad_optax
+from pcgrad_optax import memory
+from pcgrad_optax import recon
+from pcgrad_optax import sharding as pgs
+from pcgrad_optax._core.aggregate import aggregate
 
 T = 4
 RTOL, ATOL = 2e-5, 2e-6
