@@ -614,6 +614,22 @@ def test_nnx_module_diff_state_and_errors():
 
 # --- which aggregators are Gram-based: by type, never by a swallowed error --
 
+def _gram_run_matches_two_calls(factory):
+  """The Gram engine's MLP run of ``factory()`` equals the two-call path's
+  (losses, updates, states); returns its per-step outputs."""
+  ref = factory(shared=MLP_MASK)
+  want = run_steps(reference_step(mlp_losses, ref), MLP_PARAMS,
+                   ref.init(MLP_PARAMS), MLP_BATCH)
+  agg = factory()
+  got = run_steps(po.value_and_aggregate(mlp_losses, agg, engine="gram",
+                                         shared=MLP_MASK),
+                  MLP_PARAMS, agg.init(MLP_PARAMS), MLP_BATCH)
+  assert_same_run([(l, u, []) for l, u, _ in got],
+                  [(l, u, []) for l, u, _ in want])
+  _close_states(got, want)
+  return got
+
+
 def test_cr_mogm_on_the_gram_engine():
   # CR-MOGM's EMA of the weights lives in its state: both engines step it
   # as its own update does (the first step restarts from the fresh weights).
@@ -621,16 +637,7 @@ def test_cr_mogm_on_the_gram_engine():
     factory = lambda **kw: po.cr_mogm(po.weighting.mgda, 0.5, num_tasks=T,
                                       keep_gram=True,
                                       initial_weights=initial, **kw)
-    ref = factory(shared=MLP_MASK)
-    want = run_steps(reference_step(mlp_losses, ref), MLP_PARAMS,
-                     ref.init(MLP_PARAMS), MLP_BATCH)
-    agg = factory()
-    got = run_steps(po.value_and_aggregate(mlp_losses, agg, engine="gram",
-                                           shared=MLP_MASK),
-                    MLP_PARAMS, agg.init(MLP_PARAMS), MLP_BATCH)
-    assert_same_run([(l, u, []) for l, u, _ in got],
-                    [(l, u, []) for l, u, _ in want])
-    _close_states(got, want)
+    got = _gram_run_matches_two_calls(factory)
     assert int(got[-1][2][0]) == 3   # the count
 
 
@@ -709,16 +716,7 @@ def test_constant_weights_on_the_gram_engine():
   w = jnp.asarray([0.5, 1.0, 2.0])
   for kw in ({}, {"num_tasks": T}, {"num_tasks": T, "keep_gram": True}):
     factory = lambda **k: po.constant(w, **kw, **k)
-    ref = factory(shared=MLP_MASK)
-    want = run_steps(reference_step(mlp_losses, ref), MLP_PARAMS,
-                     ref.init(MLP_PARAMS), MLP_BATCH)
-    agg = factory()
-    got = run_steps(po.value_and_aggregate(mlp_losses, agg, engine="gram",
-                                           shared=MLP_MASK),
-                    MLP_PARAMS, agg.init(MLP_PARAMS), MLP_BATCH)
-    assert_same_run([(l, u, []) for l, u, _ in got],
-                    [(l, u, []) for l, u, _ in want])
-    _close_states(got, want)
+    _gram_run_matches_two_calls(factory)
 
 
 def _eqns(jaxpr):
