@@ -5,24 +5,17 @@ cross-library check; no timing here). torch and torchjd are only the
 ``benchmark`` extra, so the test skips without them.
 """
 
-import importlib.util
-import os
-
 import pytest
+from benchmark_scripts import load_benchmark
 
 pytest.importorskip("torch")
 pytest.importorskip("torchjd")
 
-_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
-                      "benchmarks", "bench_pcgrad.py")
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("bench_pcgrad", _BENCH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("bench_pcgrad")
 
 
 @pytest.mark.parametrize("num_tasks", [2, 3, 8])
@@ -35,10 +28,7 @@ def test_stateful_methods_match_torchjd_and_libmtl():
   # Issue 13's stateful, loss-based and two-batch methods, stepped side by
   # side with the peers over five steps. LibMTL 1.1.5 (PyPI) has GradNorm
   # only; the others run when LIBMTL_SRC points at a LibMTL checkout.
-  path = os.path.join(os.path.dirname(_BENCH), "bench_aggregators.py")
-  spec = importlib.util.spec_from_file_location("bench_aggregators", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_benchmark("bench_aggregators")
   libmtl = module.load_libmtl()
   errors = module.stateful_cross_check(libmtl)
   expected = {("excess_mtl", "torchjd"), ("sdmgrad", "torchjd"),
@@ -57,10 +47,7 @@ def test_aggregators_match_torchjd_and_libmtl():
   # against torchjd (and LibMTL where installed), matched hyper-parameters.
   pytest.importorskip("cvxpy")
   pytest.importorskip("qpsolvers")
-  path = os.path.join(os.path.dirname(_BENCH), "bench_aggregators.py")
-  spec = importlib.util.spec_from_file_location("bench_aggregators", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_benchmark("bench_aggregators")
   errors = module.cross_check(module.load_libmtl())
   assert {name for name, _ in errors} >= {
       "mean", "sum", "mgda", "cagrad", "imtl_g", "upgrad", "dualproj",
@@ -80,10 +67,7 @@ def test_loss_level_methods_match_torchjd_and_libmtl():
   # weights on the loss vector of IMTL-L, STCH, GLS, COSMOS, PBI,
   # uncertainty, DWA and FAMO against torchjd's scalarizers (and LibMTL's
   # GLS and UW where installed), six steps side by side with their states.
-  path = os.path.join(os.path.dirname(_BENCH), "bench_aggregators.py")
-  spec = importlib.util.spec_from_file_location("bench_aggregators", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = load_benchmark("bench_aggregators")
   errors = module.cross_check_loss_level(module.load_libmtl())
   assert {name for name, peer in errors if peer == "torchjd"} >= {
       "imtl_l", "stch", "geometric_mean", "cosmos", "pbi", "uncertainty",

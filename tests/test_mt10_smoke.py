@@ -1,25 +1,18 @@
 """benchmarks/mt10_sac.py: the MT-SAC agent on a fake vector env, and a
 Meta-World MT10 smoke run when the ``rl`` extra is installed."""
 
-import importlib.util
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
-                     "mt10_sac.py")
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sac():
-  spec = importlib.util.spec_from_file_location("mt10_sac", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("mt10_sac")
 
 
 T, OBS, ACT = 3, 5, 2

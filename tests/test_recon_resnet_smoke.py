@@ -5,27 +5,14 @@ retraining, the conflict metric and the report) at tiny sizes: a two-stage
 ResNet of width 4-8, three steps, one seed, joint and Recon + joint only.
 """
 
-import importlib.util
-import os
-import sys
-
 import numpy as np
 import pytest
-
-_BENCH = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
-                      "benchmarks", "recon_resnet.py")
+from benchmark_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-  spec = importlib.util.spec_from_file_location("recon_resnet", _BENCH)
-  module = importlib.util.module_from_spec(spec)
-  # registered first: its Flax modules are dataclasses, which look their
-  # module up in sys.modules
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  yield module
-  sys.modules.pop(spec.name, None)
+  return load_benchmark("recon_resnet")
 
 
 def test_recon_resnet_quick(bench, tmp_path):

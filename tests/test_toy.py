@@ -4,14 +4,12 @@ The references below are written from the formulas in the papers (see
 /work/shared/papers.md), in float64 NumPy, independently of the library.
 """
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from benchmark_scripts import load_benchmark
 
 import pcgrad_optax
 from pcgrad_optax import toy
@@ -139,11 +137,7 @@ def test_pcgrad_short_run_goes_downhill_for_both_tasks():
 
 
 def _load_benchmark():
-  path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "toy.py")
-  spec = importlib.util.spec_from_file_location("benchmarks_toy", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_benchmark("toy")
 
 
 def test_benchmark_analysis_helpers():
