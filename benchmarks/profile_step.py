@@ -6,6 +6,8 @@ flax and this checkout on ``PYTHONPATH``)::
     python benchmarks/profile_step.py ops     # per-op profile of the step
     python benchmarks/profile_step.py repro   # minimal reproducers, timed
     python benchmarks/profile_step.py compare # before/after the CPU loop
+    python benchmarks/profile_step.py gram    # the Gram engine's CPU forms
+    python benchmarks/profile_step.py alloc   # cost of fresh big buffers
 
 ``ops``: for the MLP and the CNN of ``bench_step.py`` at T = 2, 8, 32, one
 jitted step (stacked per-task gradients + ``pcgrad(shared=trunk)`` + Adam)
@@ -220,6 +222,40 @@ def repro(args):
     print(f"  {k:28s} {ms:8.2f} ms")
 
 
+def _engine_step(loss_fn, mask, opt, engine):
+  """``value_and_aggregate(engine=...)`` + Adam: ``(step, state_fn)``."""
+  agg = pcgrad_optax.pcgrad(key=0)
+  inner = pcgrad_optax.value_and_aggregate(loss_fn, agg, engine=engine,
+                                           shared=mask)
+
+  def step(p, s, *b):
+    a, o = s
+    _, u, a = inner(p, a, *b)
+    u, o = opt.update(u, o, p)
+    return optax.apply_updates(p, u), (a, o)
+  return step, lambda params: (agg.init(params), opt.init(params))
+
+
+def _runner(step, params, state, batch, patches=()):
+  """``(run, compiled)``: the step compiled with ``patches`` (``(obj,
+  name, value)``, undone after tracing) and a zero-argument call of it that
+  carries its params and state on."""
+  saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+  for obj, name, value in patches:
+    setattr(obj, name, value)
+  try:
+    compiled = jax.jit(step).lower(params, state, *batch).compile()
+  finally:
+    for obj, name, value in saved:
+      setattr(obj, name, value)
+  box = [params, state]
+
+  def run():
+    box[0], box[1] = compiled(box[0], box[1], *batch)
+    jax.block_until_ready(box[0])
+  return run, compiled
+
+
 def compare(args):
   """Before (vmap) / after (the CPU loop) on the stacked and the user path.
 
@@ -243,16 +279,8 @@ def compare(args):
             return optax.apply_updates(p, u), s
           state = opt.init(params)
         elif kind == "stacked":
-          agg = pcgrad_optax.pcgrad(key=0)
-          inner = pcgrad_optax.value_and_aggregate(
-              loss_fn, agg, engine="stacked", shared=mask)
-
-          def step(p, s, *b):
-            a, o = s
-            _, u, a = inner(p, a, *b)
-            u, o = opt.update(u, o, p)
-            return optax.apply_updates(p, u), (a, o)
-          state = (agg.init(params), opt.init(params))
+          step, state_fn = _engine_step(loss_fn, mask, opt, "stacked")
+          state = state_fn(params)
         else:
           chained = optax.chain(pcgrad_optax.pcgrad(key=0, shared=mask), opt)
 
@@ -261,19 +289,8 @@ def compare(args):
             u, s = chained.update(g, s, p)
             return optax.apply_updates(p, u), s
           state = chained.init(params)
-        saved = cpu.loop_over_tasks
-        if vmap:
-          cpu.loop_over_tasks = lambda _: False
-        try:
-          compiled = jax.jit(step).lower(params, state, *batch).compile()
-        finally:
-          cpu.loop_over_tasks = saved
-        box = [params, state]
-
-        def run():
-          box[0], box[1] = compiled(box[0], box[1], *batch)
-          jax.block_until_ready(box[0])
-        return run
+        patches = [(cpu, "loop_over_tasks", lambda _: False)] if vmap else []
+        return _runner(step, params, state, batch, patches)[0]
 
       fns["adam"] = build("adam", False)
       for kind in ("stacked", "user"):
@@ -287,17 +304,66 @@ def compare(args):
         print(f"  {k:16s} {v:9.1f} ms", flush=True)
 
 
+def gram(args):
+  """The Gram engine's CPU forms, before / after (``step_profile.md`` §5).
+
+  MLP, ``value_and_aggregate`` + ``pcgrad`` + Adam. "Gram before" traces
+  the Gram engine with its task pullbacks ``vmap``-ed and ``X X^T`` shared
+  by the tasks (``_core.cpu.loop_over_tasks`` and ``broadcast_over_tasks``
+  patched to False), "Gram after" is this checkout, "stacked" the stacked
+  engine. Interleaved, medians, and XLA's temp bytes of each.
+  """
+  from pcgrad_optax._core import cpu  # pylint: disable=g-import-not-at-top
+  before = [(cpu, "loop_over_tasks", lambda _: False),
+            (cpu, "broadcast_over_tasks", lambda k, d: False)]
+  for t in args.tasks:
+    params, loss_fn, mask, batch = setup("mlp", t)
+    opt = optax.adam(1e-3)
+    fns, temps = {}, {}
+    for name, engine, patches in (("Gram before", "gram", before),
+                                  ("Gram after", "gram", []),
+                                  ("stacked", "stacked", [])):
+      step, state_fn = _engine_step(loss_fn, mask, opt, engine)
+      fns[name], compiled = _runner(step, params, state_fn(params), batch,
+                                    patches)
+      temps[name] = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    load0 = os.getloadavg()[0]
+    ms = interleaved(fns, rounds=args.rounds, calls=1)
+    print(f"\nmlp T={t} (load {load0:.1f} -> {os.getloadavg()[0]:.1f})",
+          flush=True)
+    for k, v in ms.items():
+      print(f"  {k:12s} {v:9.1f} ms   temp {temps[k]:7.1f} MiB", flush=True)
+
+
+def alloc(args):
+  """A jitted ``x * 2`` of a 32 MiB array: the cost of fresh big buffers.
+
+  Run it twice, once with the default allocator and once with
+  ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` in the
+  environment, to see what glibc's ``mmap`` of every block above its
+  threshold (at most 32 MiB) costs a call (``step_profile.md`` §5).
+  """
+  x = jnp.ones((8, 1024, 1024), jnp.float32)
+  double = jax.jit(lambda x: x * 2.0)
+  ms = interleaved({"x * 2": lambda: jax.block_until_ready(double(x))},
+                   rounds=args.rounds * 4, calls=1)
+  print(f"MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_')}: "
+        f"{ms['x * 2']:.2f} ms per call (load {os.getloadavg()[0]:.1f})")
+
+
 def main():
   import argparse  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("what", choices=["ops", "repro", "compare"])
+  parser.add_argument("what", choices=["ops", "repro", "compare", "gram",
+                                       "alloc"])
   parser.add_argument("--rounds", type=int, default=7)
   parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
   parser.add_argument("--tasks", type=int, nargs="+", default=[2, 8, 32])
   args = parser.parse_args()
   print(f"jax {jax.__version__}, {os.cpu_count()} cores, 1-min load "
         f"{os.getloadavg()[0]:.1f}")
-  {"ops": ops, "repro": repro, "compare": compare}[args.what](args)
+  {"ops": ops, "repro": repro, "compare": compare, "gram": gram,
+   "alloc": alloc}[args.what](args)
 
 
 if __name__ == "__main__":
