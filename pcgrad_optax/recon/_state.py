@@ -72,6 +72,11 @@ def branch_state(state: PyTree, layers: Sequence[str], num_tasks: int, *,
     >>> b = recon.branch_state(stats, ["conv_0", "bn_1"], 2)  # conv_0: none
     >>> b["bn_0"]["mean"].shape, b["bn_1"]["mean"].shape
     ((3,), (2, 3))
+
+  References:
+    Shi, Li, Zhang, Chen, Wu, `Recon: Reducing Conflicting Gradients from
+    the Root for Multi-Task Learning <https://arxiv.org/abs/2302.11289>`_,
+    ICLR 2023.
   """
   num_tasks = check_num_tasks(num_tasks)
   _, leaves, flags = _state_flags(state, layers, grouping)
@@ -106,6 +111,11 @@ def task_state(branched_state: PyTree, layers: Sequence[str],
     ...      "bn_1": {"mean": jnp.array([[1., 2.], [3., 4.]])}}
     >>> recon.task_state(b, ["bn_1"], 1)["bn_1"]["mean"]
     Array([3., 4.], dtype=float32)
+
+  References:
+    Shi, Li, Zhang, Chen, Wu, `Recon: Reducing Conflicting Gradients from
+    the Root for Multi-Task Learning <https://arxiv.org/abs/2302.11289>`_,
+    ICLR 2023.
   """
   paths, leaves, flags = _state_flags(branched_state, layers, grouping)
   return take_task(branched_state, paths, leaves, flags, t, "branched state")
@@ -150,6 +160,11 @@ def merge_task_states(states: PyTree, layers: Sequence[str], *,
     >>> m = recon.merge_task_states(per_task, ["bn_1"])
     >>> m["bn_0"]["mean"], m["bn_1"]["mean"].shape
     (Array([2., 3.], dtype=float32), (2, 2))
+
+  References:
+    Shi, Li, Zhang, Chen, Wu, `Recon: Reducing Conflicting Gradients from
+    the Root for Multi-Task Learning <https://arxiv.org/abs/2302.11289>`_,
+    ICLR 2023.
   """
   paths, leaves, flags = _state_flags(states, layers, grouping)
   num = None
